@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
-from umaf.config import ConfigError, ConfigT, describe_fields, load_config
+from umaf.config import ConfigError, ConfigT, describe_fields, dump_yaml, load_config
 
 
 @dataclass
@@ -59,6 +59,9 @@ def parse_job_args(
         if flag.choices:
             kwargs["choices"] = flag.choices
         parser.add_argument(flag.name, **kwargs)
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit (no work is done)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     ns = parser.parse_args(argv)
     extra = {flag.key: getattr(ns, flag.key.replace(".", "__")) for flag in flags}
@@ -69,4 +72,7 @@ def parse_job_args(
     except ConfigError as exc:
         print(f"jobs/{job}.py: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if ns.print_config:
+        print(dump_yaml(config), end="")
+        raise SystemExit(0)
     return JobArgs(config=config, namespace=ns, overrides=list(ns.overrides))
