@@ -1,0 +1,92 @@
+"""``TrainConfig``: every key of ``jobs/train.py`` (and of each Tune trial, which launches the same job).
+
+Shared keys (data, optimisation, Ray Train scaling, run folder) live at the top level; each method has
+its own section, ``umaf:`` (:class:`umaf.models.umaf.UmafConfig`) and ``sppscl:``
+(:class:`umaf.models.sppscl.SppSclConfig`); only the section named by ``model`` is used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from umaf.config import RayConfig, StorageConfig, StrictModel
+from umaf.models.sppscl import SppSclConfig
+from umaf.models.umaf import UmafConfig
+
+BestMetric = Literal["weighted_f1", "macro_f1", "accuracy"]
+
+
+class TrainConfig(StrictModel):
+    model: Literal["umaf", "sppscl"] = Field("umaf", description="which method to train")
+
+    # ---- data --------------------------------------------------------------------------------
+    manifest: str | None = Field(
+        None, description="manifest URI (local path, file:// or s3://); None: the demo dataset written under out/demo"
+    )
+    captions: str | None = Field(
+        None, description="captions URI (UMAF); None with no manifest: the demo's reference captions"
+    )
+    task: str | None = Field(None, description="label task (column label_<task>); None: the manifest's first task")
+    missing_caption: Literal["text_only", "drop"] = Field(
+        "text_only", description="pairs without an ok caption: keep with T alone, or drop them (UMAF)"
+    )
+    max_rows_per_split: int | None = Field(
+        None, ge=1, description="use at most this many rows of each split (quick runs, benches)"
+    )
+
+    # ---- run folder ----------------------------------------------------------------------------
+    out: str = Field(
+        "runs/train", description="the run folder (local path or s3://bucket/prefix); rerun with the same out to resume"
+    )
+
+    # ---- optimisation (shared by every method) ------------------------------------------------
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="GLOBAL batch size (split evenly over the workers)")
+    eval_batch_size: int = Field(64, ge=1, description="batch size of dev/test evaluation (rank 0, fixed order)")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the new (randomly initialised) layers")
+    encoder_lr: float = Field(2e-5, ge=0, description="learning rate of pretrained encoder weights (when trained)")
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "step"] = Field(
+        "linear", description="per-step warm-up then linear/cosine decay or constant; 'step': StepLR per epoch"
+    )
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of all steps spent warming up (not 'step')")
+    step_size: int = Field(10, ge=1, description="StepLR: epochs between decays (scheduler=step)")
+    gamma: float = Field(0.5, gt=0, description="StepLR: decay factor (scheduler=step)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None: no clipping")
+    seed: int = 42
+    best_metric: BestMetric | None = Field(
+        None, description="dev metric that picks the best checkpoint; None: macro_f1 for HFM, else weighted_f1"
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer (rows) of the training shard")
+
+    # ---- Ray Train -----------------------------------------------------------------------------
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float | None = Field(None, gt=0, description="default 1 when use_gpu")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts after a failure (-1: unlimited)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Ray checkpoints kept (the latest is always kept)")
+    preprocess_concurrency: int = Field(1, ge=1, description="Ray Data actors for preprocessing (tokenisation)")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    # ---- methods -------------------------------------------------------------------------------
+    umaf: UmafConfig = Field(default_factory=UmafConfig)
+    sppscl: SppSclConfig = Field(default_factory=SppSclConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least num_workers ({self.num_workers})")
+        return self
+
+    def per_worker_batch_size(self) -> int:
+        return max(1, self.batch_size // self.num_workers)
+
+    def resolved_best_metric(self, dataset: str) -> BestMetric:
+        """The paper protocols: weighted F1 for MVSA and MSED, macro F1 for HFM (sarcasm)."""
+        if self.best_metric:
+            return self.best_metric
+        return "macro_f1" if "hfm" in dataset.lower() or "mmsd" in dataset.lower() else "weighted_f1"

@@ -1,0 +1,149 @@
+"""The plug-in interface between a method (UMAF, SPP-SCL) and the shared Ray Train loop.
+
+The loop (:mod:`umaf.train.loop`) owns everything methods have in common: reading the manifest,
+Ray Train workers and DDP, the optimizer and LR schedule, checkpoints and resume, dev/test evaluation,
+metrics, predictions and TensorBoard. A method supplies only what differs, through :class:`Method`:
+
+=====================  =========================================================================
+``prepare_table``      driver side, plain pyarrow: add/join what the method needs to the manifest
+                       rows (UMAF: the caption text by id) and return counts for the run report
+``preprocess``         Ray Data: rows → model-ready columns (token ids, image tensors or cached
+                       frozen features). Runs once per run, before training; must keep ``id`` and
+                       ``label`` columns
+``build_model``        plain ``torch.nn.Module`` (no Ray) for ``num_classes`` classes
+``param_groups``       optimizer parameter groups, each ``{"name", "params", "lr"}`` (e.g. pretrained
+                       encoder vs new layers); frozen parameters left out
+``collate``            a numpy batch from Ray Data → tensors on the device
+``train_step``         one batch: forward, loss(es), and *its own* backward + optimizer step(s) through
+                       ``ctx.backward_step(loss)`` — SPP-SCL calls it twice per batch (Algorithm 1);
+                       returns scalar loss terms for logging
+``predict``            eval-mode forward → ``(logits [B, C], features [B, d])``
+=====================  =========================================================================
+
+Under DDP ``model`` given to ``train_step`` is the DDP wrapper: call ``model(**inputs)`` (so
+gradients are all-reduced) and use :mod:`umaf.distributed` to gather batch-level loss inputs across
+ranks. Any decision that changes the number of backward passes (SPP-SCL's second step) must be
+taken from globally reduced values so that every rank takes the same branch (else DDP deadlocks).
+
+Register a method in :data:`METHODS` as ``"name": "module:Class"``; it is imported lazily so that a
+method's heavy or unfinished dependencies never break the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+    from umaf.train.config import TrainConfig
+
+METHODS: dict[str, str] = {
+    "umaf": "umaf.train.umaf_method:UmafMethod",
+    "sppscl": "umaf.train.sppscl_method:SppSclMethod",
+}
+
+
+def get_method(name: str) -> Method:
+    """Instantiate the registered method ``name`` (imports its module on first use)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(METHODS)}")
+    module_name, _, class_name = METHODS[name].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)()
+
+
+@dataclass
+class StepContext:
+    """What a ``train_step`` needs from the loop: device, precision, and the optimizer step itself."""
+
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    config: TrainConfig
+    epoch: int = 0
+    global_step: int = 0  # optimizer steps taken so far (counts both SPP-SCL steps)
+    autocast_dtype: torch.dtype | None = None  # bf16 on GPU; None = full precision
+    grad_clip: float | None = None
+    on_optimizer_step: Callable[[], None] | None = None  # the loop's per-step LR schedule
+    last_grad_norm: float = field(default=float("nan"))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for the forward pass (bf16 needs no loss scaling)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def backward_step(self, loss: torch.Tensor, params: list[torch.nn.Parameter] | None = None) -> None:
+        """``loss.backward()``, clip the global grad norm, ``optimizer.step()``, zero grads, LR schedule."""
+        loss.backward()
+        if self.grad_clip:
+            if params is None:
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.last_grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.on_optimizer_step is not None:
+            self.on_optimizer_step()
+
+
+@dataclass
+class PreparedTable:
+    """``prepare_table``'s result: rows for every split, plus counts for the run's data report."""
+
+    table: pa.Table
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    name: str = ""
+
+    def prepare_table(self, table: pa.Table, cfg: TrainConfig, label_column: str) -> PreparedTable:
+        """Manifest rows (all splits) → the rows this method trains on. Default: unchanged."""
+        return PreparedTable(table)
+
+    @abstractmethod
+    def preprocess(self, ds: ray.data.Dataset, cfg: TrainConfig, split: str) -> ray.data.Dataset:
+        """Rows with ``id``, ``label`` and the prepared columns → model-ready columns (+ ``id``, ``label``)."""
+
+    @abstractmethod
+    def build_model(self, cfg: TrainConfig, num_classes: int) -> torch.nn.Module: ...
+
+    def param_groups(self, model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """Default: one group of all trainable parameters at ``cfg.lr``."""
+        return [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+
+    @abstractmethod
+    def collate(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        """Numpy batch → tensors on ``device``; must include ``labels`` (int64)."""
+
+    @abstractmethod
+    def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        """Forward, loss, ``ctx.backward_step(loss)`` (once or more); returns loss terms for logging."""
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval forward (the loop sets eval mode and no_grad): ``(logits, features)``."""
+
+    def find_unused_parameters(self, cfg: TrainConfig) -> bool:
+        """Whether DDP must tolerate parameters without gradient in a step."""
+        return False
+
+    def model_card(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Method-specific facts written next to the checkpoint (e.g. tokenizer path)."""
+        return {}
+
+
+def iter_device_batches(batches: Iterator[dict[str, np.ndarray]], method: Method, device: torch.device) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
+    for batch in batches:
+        yield batch, method.collate(batch, device)
