@@ -224,12 +224,13 @@ def _reference_caption_row(pair: dict) -> dict:
     }
 
 
-def write_demo(out_dir: str, n_train: int = 240, n_dev: int = 60, n_test: int = 60, seed: int = 0,
-               **storage_kw) -> dict[str, str]:
+def write_demo(out_dir: str, n_train: int = 240, n_dev: int = 60, n_test: int = 60, seed: int = 0, *,
+               manifest_uri: str | None = None, **storage_kw) -> dict[str, str]:
     """Write the demo dataset under ``out_dir`` (a local folder or ``s3://`` URI); deterministic per seed.
 
-    Writes ``images/<id>.jpg``, the manifest at ``manifest`` and the reference captions at
-    ``reference_captions``; returns their URIs (keys ``images``, ``manifest``, ``reference_captions``).
+    Writes ``images/<id>.jpg``, the manifest at ``manifest`` (or ``manifest_uri``) and the reference
+    captions at ``reference_captions``; returns their URIs (keys ``images``, ``manifest``,
+    ``reference_captions``).
     """
     if min(n_train, n_dev, n_test) < 0:
         raise ValueError(f"split sizes must be >= 0, got train={n_train} dev={n_dev} test={n_test}")
@@ -248,7 +249,7 @@ def write_demo(out_dir: str, n_train: int = 240, n_dev: int = 60, n_test: int = 
             rows.append({"id": pair["id"], "split": split, "text": pair["text"], "image": image_uri,
                          "image_ok": True, f"label_{TASK}": pair["label"]})
             captions.append(_reference_caption_row(pair))
-    manifest_uri = storage.join(out_dir, "manifest")
+    manifest_uri = manifest_uri or storage.join(out_dir, "manifest")
     write_manifest(build_table(rows, DATASET_NAME, {TASK: LABELS}), manifest_uri, **storage_kw)
     captions_uri = storage.join(out_dir, "reference_captions")
     cfs, cpath = storage.resolve(captions_uri, **storage_kw)
