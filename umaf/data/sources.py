@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -112,9 +113,14 @@ def iter_json_array(text: str, file: str, report: PrepareReport) -> Iterator[tup
         return
 
 
+@lru_cache(maxsize=64)
+def _image_root(images: str) -> str:
+    # Cached: resolving a local path costs syscalls, and readers call image_uri once per row.
+    return images if storage.is_s3(images) else storage.resolve(images)[1]
+
+
 def image_uri(images: str | None, relative: str) -> str | None:
     """The URI of an image under an image folder (local paths made absolute; ``s3://`` kept)."""
     if images is None:
         return None
-    root = images if storage.is_s3(images) else storage.resolve(images)[1]
-    return storage.join(root, relative)
+    return storage.join(_image_root(images), relative)

@@ -39,6 +39,7 @@ def read_hfm_raw(source: SourceDir, images: str | None, report: PrepareReport, *
         dropped = 0
         # split("\n"), not splitlines(): tweets may hold U+2028 or U+0085, which splitlines() breaks on.
         for number, line in enumerate(source.read_text(relative).split("\n"), start=1):
+            line = line.rstrip("\r")
             if not line.strip():
                 continue
             try:
