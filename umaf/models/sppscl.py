@@ -97,10 +97,10 @@ class SppSclConfig(StrictModel):
 
 @dataclass
 class SppSclOutput:
-    logits: torch.Tensor  # [B, C]
-    fused: torch.Tensor  # [B, 2D] classifier hidden layer: the "fusion feature" of Fig. 3
     image_p: torch.Tensor  # I_p [B, D]
     text_p: torch.Tensor  # T_p [B, D]
+    logits: torch.Tensor | None = None  # [B, C]; None for an embeddings-only forward
+    fused: torch.Tensor | None = None  # [B, 2D] classifier hidden layer: the "fusion feature" of Fig. 3
 
 
 def _projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
@@ -199,18 +199,24 @@ class SppSclHead(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(fused_in, 2 * d), nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Dropout(p))
         self.fc = nn.Linear(2 * d, num_classes)
 
-    def forward(self, image_map: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor) -> SppSclOutput:
+    def forward(
+        self, image_map: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor, embeddings_only: bool = False
+    ) -> SppSclOutput:
         image_l = self.image_conv(image_map.float()).flatten(1)  # Eq. 1: P(c(ResNet(I)))
         text_l = self.text_head(text_states.float(), attention_mask)  # Eq. 2
         image_p = self.image_align(self.image_proj(image_l))
         text_p = self.text_align(self.text_proj(text_l))
+        if embeddings_only:
+            # Algorithm 1 line 7 needs only I_p', T_p': CMF and the classifier stay out of the graph,
+            # so DDP (find_unused_parameters) does not wait for their gradients in step 2.
+            return SppSclOutput(image_p=image_p, text_p=text_p)
         if self.cmf is not None:
             image_m, text_m = self.cmf(image_p, text_p)
             fused_in = torch.cat([image_m, text_m, image_p, text_p], dim=1)  # M_p of Eq. 3
         else:
             fused_in = torch.cat([image_p, text_p], dim=1)
         fused = self.classifier(fused_in)
-        return SppSclOutput(logits=self.fc(fused), fused=fused, image_p=image_p, text_p=text_p)
+        return SppSclOutput(image_p=image_p, text_p=text_p, logits=self.fc(fused), fused=fused)
 
 
 class SppSclModel(nn.Module):
@@ -232,8 +238,11 @@ class SppSclModel(nn.Module):
             text_layers = self.text_encoder.num_layers_used
             self._freeze()
         else:
-            image_cfg = AutoConfig.from_pretrained(config.image_encoder)
-            text_cfg = AutoConfig.from_pretrained(config.text_encoder)
+            from umaf.models.encoders import resolve_encoder
+            from umaf.models.image_encoder import resolve_image_encoder
+
+            image_cfg = AutoConfig.from_pretrained(resolve_image_encoder(config.image_encoder))
+            text_cfg = AutoConfig.from_pretrained(resolve_encoder(config.text_encoder))
             image_channels, text_hidden = int(image_cfg.hidden_sizes[-1]), int(text_cfg.hidden_size)
             text_layers = min(NUM_TEXT_LAYERS, int(text_cfg.num_hidden_layers))
         self.head = SppSclHead(config, num_classes, image_channels, text_hidden, text_layers)
@@ -280,12 +289,19 @@ class SppSclModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         image_map: torch.Tensor | None = None,
         text_states: torch.Tensor | None = None,
+        embeddings_only: bool = False,
     ) -> SppSclOutput:
         if image_map is None or text_states is None:
             if pixel_values is None or input_ids is None:
                 raise ValueError("give either pixel_values + input_ids or cached image_map + text_states")
+            if self.config.compat == "paper":
+                # Padding carries nothing in paper mode (masked BERT, packed BiLSTM, masked mean): cut
+                # the batch to its longest real text. compat=official averages over all max_length
+                # positions, so its rows keep their padding.
+                length = max(2, int(attention_mask.sum(dim=1).max()))
+                input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
             image_map, text_states = self.encode(pixel_values, input_ids, attention_mask)
-        return self.head(image_map, text_states, attention_mask)
+        return self.head(image_map, text_states, attention_mask, embeddings_only=embeddings_only)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,158 @@
+"""Frozen image and text backbones for SPP-SCL: a ResNet's layer-4 map and BERT's last hidden states.
+
+Any Hugging Face id or local path works (default ``microsoft/resnet-50`` / ``bert-base-uncased``).
+Tests and the ``tiny`` preset name ``tiny-random-resnet`` (here) and ``tiny-random-bert``
+(:mod:`umaf.models.encoders`): random-weight models built from small configs, saved with
+``save_pretrained`` and loaded back with ``from_pretrained``, the production path. No Ray here.
+
+Images are preprocessed with transformers' PIL image processor that the checkpoint names
+(``microsoft/resnet-50`` ships a ConvNext processor config: resize to 224 / crop / ImageNet
+normalisation, as the official SPP-SCL data loader does with torchvision).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_IMAGE_ENCODER = "microsoft/resnet-50"
+DEFAULT_TEXT_ENCODER = "bert-base-uncased"
+# SPP-SCL uses BERT layers 9–12 (the paper's "last four layers"); shorter encoders use their last 4.
+NUM_TEXT_LAYERS = 4
+
+
+class FrozenResNet(nn.Module):
+    """``pixel_values [B,3,H,W]`` → layer-4 feature map ``[B, C, h, w]`` (ResNet-50: 2048×7×7)."""
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        from transformers import ResNetModel
+
+        self.net = ResNetModel.from_pretrained(resolve_image_encoder(name_or_path))
+        self.name_or_path = name_or_path
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.net.config.hidden_sizes[-1])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # last_hidden_state is the output of the last stage (layer 4) before the global pooling.
+        return self.net(pixel_values=pixel_values).last_hidden_state
+
+
+class FrozenBert(nn.Module):
+    """Token ids → the hidden states of the encoder's last four layers, ``[B, 4, N, H]``.
+
+    ``[:, :, 0]`` holds the four ``[CLS]`` vectors the hierarchical attention weighs the layers with.
+    """
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        from umaf.models.encoders import resolve_encoder
+
+        path = resolve_encoder(name_or_path)
+        try:  # the pooler is unused: leave it out rather than load it (or report it missing)
+            self.net = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:
+            self.net = AutoModel.from_pretrained(path)
+        self.name_or_path = name_or_path
+        num_layers = int(self.net.config.num_hidden_layers)
+        if num_layers < 1:
+            raise ValueError(f"text encoder {name_or_path!r} has no hidden layers")
+        self.num_layers_used = min(NUM_TEXT_LAYERS, num_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.net.config.hidden_size)
+
+    def last_layers(self) -> list[nn.Module]:
+        """The Transformer layers whose outputs are used (BERT-base: 9–12), for the fine-tune option."""
+        return list(self.net.encoder.layer[-self.num_layers_used :])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        # hidden_states[0] is the embedding output; [-4:] are layers 9..12 of BERT-base.
+        return torch.stack(out.hidden_states[-self.num_layers_used :], dim=1)
+
+
+def load_image_processor(name_or_path: str):
+    """The PIL image processor saved with the checkpoint (ResNet-50 names ConvNextImageProcessor)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(resolve_image_encoder(name_or_path), backend="pil")
+
+
+def pixel_values_from_bytes(processor, images: list[bytes | None], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and preprocess images; a missing or unreadable image becomes zeros, flagged in the mask.
+
+    Returns ``(pixel_values [B,3,S,S] float32, ok [B] bool)``: one bad image never fails the batch.
+    """
+    from PIL import Image
+
+    decoded, ok = [], []
+    for data in images:
+        try:
+            if data is None:
+                raise ValueError("no image")
+            decoded.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            ok.append(True)
+        except Exception:  # noqa: BLE001 - any decoding error: a grey placeholder, reported via ok
+            decoded.append(Image.new("RGB", (image_size, image_size), (127, 127, 127)))
+            ok.append(False)
+    size = {"shortest_edge": image_size} if "shortest_edge" in (processor.size or {}) else {"height": image_size, "width": image_size}
+    kwargs = {"size": size}
+    if getattr(processor, "crop_pct", None) is not None and image_size >= 384:
+        kwargs["crop_pct"] = None
+    pixels = processor(images=decoded, return_tensors="pt", **kwargs)["pixel_values"]
+    return pixels.float(), torch.tensor(ok, dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny random-weight ResNet for tests and the `tiny` preset, named like the tiny text encoder of
+# umaf.models.encoders (``tiny-random-bert``): built once from a config with a fixed seed, written
+# with save_pretrained into the encoder cache and loaded back through from_pretrained exactly like a
+# hub checkpoint.
+
+TINY_RANDOM_RESNET = "tiny-random-resnet"
+_TINY_RESNET_VERSION = 1
+
+
+def build_tiny_random_resnet(cache_dir: str | Path | None = None, image_size: int = 64) -> Path:
+    """A 4-stage ResNet with 8–32 channels plus its PIL image processor; returns the folder."""
+    import os
+    import shutil
+
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetModel
+
+    from umaf.models.encoders import default_cache_dir
+
+    folder = Path(cache_dir or default_cache_dir()) / f"{TINY_RANDOM_RESNET}-v{_TINY_RESNET_VERSION}"
+    if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
+        return folder
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same weights on every node that builds it
+        model = ResNetModel(config)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    ConvNextImageProcessorPil(size={"shortest_edge": image_size}, crop_pct=1.0).save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; its folder is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_image_encoder(name: str, cache_dir: str | Path | None = None) -> str:
+    """A name for ``from_pretrained``: ``tiny-random-resnet`` is built locally, anything else is returned."""
+    if name == TINY_RANDOM_RESNET:
+        return str(build_tiny_random_resnet(cache_dir))
+    return name

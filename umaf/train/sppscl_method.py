@@ -1,0 +1,206 @@
+"""SPP-SCL behind the shared train loop (:mod:`umaf.train.method`): preprocessing, model, two-step update.
+
+The loop is UMAF's; what SPP-SCL changes is the step. :func:`two_step_update` is Algorithm 1 of the
+paper: step 1 ``λ·CE + L_cli + L_clt`` and an optimizer step; re-forward; if
+:func:`umaf.losses.needs_inter_alignment` says the modalities are not aligned, step 2 ``L_clm`` and a
+second optimizer step. Ablation variants (``sppscl.variant``): ``one_step`` (all four losses in one
+step, Table 4), ``no_inter`` (w/o L_clm) and ``no_intra`` (w/o L_cli, L_clt) (Table 5); ``fusion:
+concat`` is w/o CMF (Table 7).
+
+Preprocessing (Ray Data, once per run): with the frozen-feature cache (default where the encoders
+are frozen and deterministic, see :mod:`umaf.train.feature_cache`) the rows become the encoders'
+outputs, read from the cache or computed once; without it, token ids and image pixels, and the
+encoders run in every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umaf import distributed
+from umaf.losses import needs_inter_alignment, supcon_cross_loss, supcon_loss
+from umaf.models.sppscl import SppSclConfig, SppSclModel, SppSclOutput
+from umaf.train.method import Method, StepContext
+
+CACHED_COLUMNS = ("image_map", "image_shape", "text_states", "text_shape")
+RAW_COLUMNS = ("pixel_values", "input_ids", "attention_mask")
+
+
+def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                    config: SppSclConfig, ctx: StepContext) -> dict[str, float]:
+    """One batch of SPP-SCL training (Algorithm 1); returns the loss terms and whether step 2 ran.
+
+    Contrastive losses see the global batch (``gather_with_grad``); CE stays per rank (DDP's mean of
+    equal per-rank means is the global mean). The step-2 decision is reduced across ranks inside
+    ``needs_inter_alignment``, so every rank takes the same number of backward passes.
+    """
+    tau, compat, variant = config.tau, config.compat, config.variant
+    labels_all = distributed.gather_no_grad(labels)
+
+    with ctx.autocast():
+        out: SppSclOutput = model(**inputs)
+    image_all = distributed.gather_with_grad(out.image_p).float()
+    text_all = distributed.gather_with_grad(out.text_p).float()
+    ce = F.cross_entropy(out.logits.float(), labels)
+    zero = ce.new_zeros(())
+    l_cli = supcon_loss(image_all, labels_all, tau, compat) if variant != "no_intra" else zero
+    l_clt = supcon_loss(text_all, labels_all, tau, compat) if variant != "no_intra" else zero
+    terms = {"ce": float(ce.detach()), "l_cli": float(l_cli.detach()), "l_clt": float(l_clt.detach())}
+
+    if variant == "one_step":
+        # Table 4's one-step baseline: every loss of Eq. 7 in one update, on the same features.
+        l_clm = supcon_cross_loss(text_all, image_all, labels_all, tau, compat)
+        loss = config.ce_weight * ce + l_cli + l_clt + l_clm
+        ctx.backward_step(loss)
+        return {**terms, "l_clm": float(l_clm.detach()), "loss": float(loss.detach()), "step2": 1.0}
+
+    # Step 1 (Algorithm 1 lines 3–5): intra-modal alignment with the classifier.
+    loss1 = config.ce_weight * ce + l_cli + l_clt
+    ctx.backward_step(loss1)
+    if variant == "no_inter":
+        return {**terms, "l_clm": 0.0, "loss": float(loss1.detach()), "step2": 0.0}
+
+    # Line 7: I_p', T_p' from the updated model; only the embeddings are needed.
+    with ctx.autocast():
+        out2: SppSclOutput = model(**inputs, embeddings_only=True)
+    # Lines 8–12, one decision for all ranks.
+    if needs_inter_alignment(out2.text_p, out2.image_p, labels, config.alpha, compat):
+        l_clm = supcon_cross_loss(distributed.gather_with_grad(out2.text_p).float(),
+                                  distributed.gather_with_grad(out2.image_p).float(), labels_all, tau, compat)
+        ctx.backward_step(l_clm)  # lines 13–14
+        return {**terms, "l_clm": float(l_clm.detach()), "loss": float(loss1.detach() + l_clm.detach()), "step2": 1.0}
+    return {**terms, "l_clm": 0.0, "loss": float(loss1.detach()), "step2": 0.0}
+
+
+class _RawInputs:
+    """Ray Data callable class (no cache): token ids padded to ``max_length`` and image pixels."""
+
+    def __init__(self, image_encoder: str, text_encoder: str, image_size: int, max_length: int, storage_kw: dict):
+        from umaf.models.encoders import load_tokenizer
+        from umaf.models.image_encoder import load_image_processor
+
+        self.processor = load_image_processor(image_encoder)
+        self.tokenizer = load_tokenizer(text_encoder)
+        self.image_size, self.max_length, self.storage_kw = image_size, max_length, storage_kw
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from umaf.models.image_encoder import pixel_values_from_bytes
+        from umaf.train.feature_cache import read_image_bytes
+
+        images = [read_image_bytes(uri, self.storage_kw) for uri in batch["image"].tolist()]
+        pixels, ok = pixel_values_from_bytes(self.processor, images, self.image_size)
+        # Padded to max_length as the official data loader does (compat=official averages padding).
+        enc = self.tokenizer(batch["text"].tolist(), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        return {
+            "id": batch["id"],
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "image_ok": ok.numpy(),
+            "pixel_values": pixels.numpy().astype(np.float32),
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+
+
+def default_cache_dir(out: str) -> str:
+    """``<parent of out>/feature_cache``: beside the run, shared by the runs and trials of one folder."""
+    text = out.rstrip("/")
+    parent = text.rsplit("/", 1)[0] if "/" in text.split("://", 1)[-1] else (text.split("://", 1)[0] + "://" if "://" in text else ".")
+    from umaf import storage
+
+    return storage.join(parent, "feature_cache")
+
+
+class SppSclMethod(Method):
+    name = "sppscl"
+
+    def __init__(self) -> None:
+        self.cache_info: dict[str, Any] = {}
+
+    @staticmethod
+    def _storage_kw(cfg) -> dict[str, Any]:
+        return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
+
+    def preprocess(self, ds, cfg, split: str):
+        from ray.data import ActorPoolStrategy
+
+        from umaf.models.encoders import resolve_encoder
+        from umaf.models.image_encoder import resolve_image_encoder
+
+        s: SppSclConfig = cfg.sppscl
+        # Build tiny encoders once here (driver), not in every actor.
+        resolve_encoder(s.text_encoder)
+        resolve_image_encoder(s.image_encoder)
+        columns = [c for c in ("id", "text", "image", "image_ok", "label") if c in ds.columns()]
+        ds = ds.select_columns(columns)
+        if s.use_feature_cache:
+            from umaf.train.feature_cache import load_or_build
+
+            cached, info = load_or_build(
+                ds, cache_dir=s.cache_dir or default_cache_dir(cfg.out), split=split,
+                image_encoder=s.image_encoder, text_encoder=s.text_encoder, image_size=s.image_size,
+                max_length=s.max_length, storage_kw=self._storage_kw(cfg), concurrency=cfg.preprocess_concurrency,
+                use_gpu=cfg.use_gpu,
+            )
+            self.cache_info[split] = info
+            return cached
+        return ds.map_batches(
+            _RawInputs,
+            fn_constructor_kwargs={"image_encoder": s.image_encoder, "text_encoder": s.text_encoder,
+                                   "image_size": s.image_size, "max_length": s.max_length,
+                                   "storage_kw": self._storage_kw(cfg)},
+            batch_format="numpy",
+            batch_size=64,
+            compute=ActorPoolStrategy(size=cfg.preprocess_concurrency),
+            num_cpus=0.5,
+        )
+
+    def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
+        return SppSclModel(cfg.sppscl, num_classes, with_encoders=not cfg.sppscl.use_feature_cache)
+
+    def param_groups(self, model: torch.nn.Module, cfg) -> list[dict[str, Any]]:
+        groups = [{"name": "new_layers", "params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if model.text_encoder is not None:
+            encoder = [p for p in model.text_encoder.parameters() if p.requires_grad]
+            if encoder:  # finetune_text: BERT layers 9–12
+                groups.insert(0, {"name": "encoder", "params": encoder, "lr": cfg.encoder_lr})
+        return groups
+
+    def collate(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        if "image_map" in batch:
+            from umaf.train.feature_cache import decode_features
+
+            out = decode_features(batch)
+        else:
+            # Full max_length rows; the model cuts them to the longest real text in paper mode.
+            out = {"pixel_values": torch.as_tensor(np.asarray(batch["pixel_values"]), dtype=torch.float32),
+                   "input_ids": torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long),
+                   "attention_mask": torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long)}
+        out["labels"] = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.long)
+        return {name: value.to(device) for name, value in out.items()}
+
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in ("image_map", "text_states", "pixel_values", "input_ids", "attention_mask")}
+
+    def train_step(self, model, batch, ctx: StepContext) -> dict[str, float]:
+        return two_step_update(model, self._inputs(batch), batch["labels"], ctx.config.sppscl, ctx)
+
+    def predict(self, model, batch):
+        # CMF attends across the batch: the loop evaluates with a fixed eval_batch_size in split order.
+        out = model(**self._inputs(batch))
+        return out.logits, out.fused
+
+    def find_unused_parameters(self, cfg) -> bool:
+        # Step 2 (L_clm) and the embeddings-only re-forward leave CMF and the classifier without gradient.
+        return cfg.sppscl.variant in ("two_step", "no_intra")
+
+    def model_card(self, cfg) -> dict[str, Any]:
+        s = cfg.sppscl
+        return {"image_encoder": s.image_encoder, "text_encoder": s.text_encoder, "image_size": s.image_size,
+                "max_length": s.max_length, "feature_cache": s.use_feature_cache, "compat": s.compat,
+                "variant": s.variant, "fusion": s.fusion, "cache": self.cache_info}
