@@ -122,9 +122,12 @@ def _mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.data
     import ray.train
     import ray.train.torch
 
+    # Per-epoch dev iteration would print a progress bar per epoch into the driver log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = TrainConfig.model_validate(loop_config["train"])
     label_names: list[str] = loop_config["label_names"]
     run_uri: str = loop_config["run_uri"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -52,16 +53,19 @@ def join_captions(table: pa.Table, captions: pa.Table | None, missing: str) -> P
     return PreparedTable(table=table, report=report)
 
 
-class _Tokenize:
-    """Ray Data callable class: loads the tokenizer once per actor."""
+@functools.lru_cache(maxsize=4)
+def _pair_encoder(tokenizer: str, cache_dir: str | None, max_length: int) -> PairEncoder:
+    return PairEncoder(load_tokenizer(tokenizer, cache_dir), max_length)
 
-    def __init__(self, tokenizer: str, cache_dir: str | None, max_length: int):
-        self.encoder = PairEncoder(load_tokenizer(tokenizer, cache_dir), max_length)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captions = batch[CAPTION_COLUMN].tolist() if CAPTION_COLUMN in batch else [None] * len(batch["id"])
-        encoded = self.encoder.encode(batch["text"].tolist(), captions)
-        return {"id": batch["id"], "label": batch["label"].astype(np.int64), **encoded}
+def tokenize_batch(batch: dict[str, np.ndarray], tokenizer: str, cache_dir: str | None, max_length: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: ``[T; T_vlm]`` token arrays. Runs as Ray tasks, whose worker processes
+    are reused, so the tokenizer is loaded once per process (cached), not once per batch — and no
+    dedicated actor process has to start and import transformers for each split."""
+    encoder = _pair_encoder(tokenizer, cache_dir, max_length)
+    captions = batch[CAPTION_COLUMN].tolist() if CAPTION_COLUMN in batch else [None] * len(batch["id"])
+    encoded = encoder.encode(batch["text"].tolist(), captions)
+    return {"id": batch["id"], "label": batch["label"].astype(np.int64), **encoded}
 
 
 class UmafMethod(Method):
@@ -80,22 +84,14 @@ class UmafMethod(Method):
         return prepared
 
     def preprocess(self, ds, cfg, split: str):
-        from ray.data import ActorPoolStrategy
-
         tokenizer = cfg.umaf.tokenizer or cfg.umaf.encoder
         resolve_encoder(tokenizer, cfg.umaf.encoder_cache)  # build a tiny encoder once here, not per actor
         columns = ["id", "text", "label"] + ([CAPTION_COLUMN] if CAPTION_COLUMN in ds.columns() else [])
         return ds.select_columns(columns).map_batches(
-            _Tokenize,
-            fn_constructor_kwargs={
-                "tokenizer": tokenizer,
-                "cache_dir": cfg.umaf.encoder_cache,
-                "max_length": cfg.umaf.max_length,
-            },
+            tokenize_batch,
+            fn_kwargs={"tokenizer": tokenizer, "cache_dir": cfg.umaf.encoder_cache, "max_length": cfg.umaf.max_length},
             batch_format="numpy",
-            batch_size=256,
-            compute=ActorPoolStrategy(size=cfg.preprocess_concurrency),
-            num_cpus=0.5,
+            batch_size=512,
         )
 
     def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
