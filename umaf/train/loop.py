@@ -245,6 +245,9 @@ def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_me
         pq.write_table(predictions_table(pred, split, label_names), buffer)
         storage.write_bytes_atomic(storage.join(run_uri, "predictions", f"{split}.parquet"),
                                    buffer.getvalue().to_pybytes(), **storage_kw)
+    method_outputs = method.finish(
+        module, cfg, lambda split: ray.train.get_dataset_shard(split).iter_batches(
+            batch_size=cfg.eval_batch_size, batch_format="numpy"), device, run_uri, storage_kw)
     summary = {
         "model": cfg.model,
         "dataset": loop_config["dataset"],
@@ -259,6 +262,7 @@ def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_me
         "test": results["test"],
         "majority_baseline": loop_config.get("majority_baseline"),
         "data": loop_config.get("data_report"),
+        "method": method_outputs,
     }
     storage.write_json_atomic(storage.join(run_uri, "metrics.json"), summary, **storage_kw)
     tb.scalars({f"test/{k}": v for k, v in scalar_metrics(results["test"], "").items()}, cfg.epochs)

@@ -143,6 +143,13 @@ class Method(ABC):
         """Method-specific facts written next to the checkpoint (e.g. tokenizer path)."""
         return {}
 
+    def finish(self, model: torch.nn.Module, cfg: TrainConfig, split_batches: Callable[[str], Any],
+               device: torch.device, run_uri: str, storage_kw: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0, after the test evaluation of the best model: write method-specific outputs into the
+        run folder (SPP-SCL: distance diagnostics, t-SNE). ``split_batches(split)`` iterates a split's
+        numpy batches in evaluation order. The returned dict goes into ``metrics.json`` under ``method``."""
+        return {}
+
 
 def iter_device_batches(batches: Iterator[dict[str, np.ndarray]], method: Method, device: torch.device) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
     for batch in batches:
