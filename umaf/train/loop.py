@@ -247,7 +247,7 @@ def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_me
                                    buffer.getvalue().to_pybytes(), **storage_kw)
     method_outputs = method.finish(
         module, cfg, lambda split: ray.train.get_dataset_shard(split).iter_batches(
-            batch_size=cfg.eval_batch_size, batch_format="numpy"), device, run_uri, storage_kw)
+            batch_size=cfg.eval_batch_size, batch_format="numpy"), label_names, device, run_uri, storage_kw)
     summary = {
         "model": cfg.model,
         "dataset": loop_config["dataset"],

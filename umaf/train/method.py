@@ -144,7 +144,7 @@ class Method(ABC):
         return {}
 
     def finish(self, model: torch.nn.Module, cfg: TrainConfig, split_batches: Callable[[str], Any],
-               device: torch.device, run_uri: str, storage_kw: dict[str, Any]) -> dict[str, Any]:
+               label_names: list[str], device: torch.device, run_uri: str, storage_kw: dict[str, Any]) -> dict[str, Any]:
         """Rank 0, after the test evaluation of the best model: write method-specific outputs into the
         run folder (SPP-SCL: distance diagnostics, t-SNE). ``split_batches(split)`` iterates a split's
         numpy batches in evaluation order. The returned dict goes into ``metrics.json`` under ``method``."""
