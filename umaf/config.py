@@ -139,6 +139,32 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _leaf_types(model: type[BaseModel], path: list[str]) -> list[Any] | None:
+    """The types a (nested) field accepts, ``None`` left out; None when ``path`` is not a field."""
+    current: type[BaseModel] | None = model
+    for key in path[:-1]:
+        if current is None or key not in current.model_fields:
+            return None
+        current = _submodel(current.model_fields[key].annotation)
+    if current is None or path[-1] not in current.model_fields:
+        return None
+    annotation = current.model_fields[path[-1]].annotation
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _typed_text(model: type[BaseModel], path: list[str], value: Any, raw: str) -> Any:
+    """Undo YAML's guesses where the field disagrees: ``dataset=2024`` and ``tag=on`` are text for a
+    ``str`` field, and ``epochs=on`` must not become ``True`` → 1 for an ``int`` field."""
+    if not isinstance(value, (bool, int, float)):
+        return value
+    types_ = _leaf_types(model, path)
+    if types_ == [str] or (isinstance(value, bool) and types_ is not None and bool not in types_):
+        return raw.strip()
+    return value
+
+
 def apply_override(data: dict[str, Any], model: type[BaseModel], path: list[str], value: Any) -> None:
     """Set ``data[path] = value`` after checking each key against ``model``'s fields."""
     node, current = data, model
@@ -165,6 +191,9 @@ def _describe_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(root)"
     if err["type"] == "extra_forbidden":
         return f"unknown key {loc!r}"
+    if not err["loc"]:
+        # A model-level check: its input is the whole config, so say only what the check said.
+        return err["msg"].removeprefix("Value error, ")
     given = err.get("input")
     msg = err["msg"]
     ctx = err.get("ctx") or {}
@@ -216,6 +245,7 @@ def load_config(
             apply_override(data, model, key.split("."), value)
     for text in overrides:
         path, value = parse_override(text)
+        value = _typed_text(model, path, value, text.partition("=")[2])
         apply_override(data, model, path, value)
     return validate(model, data, source=source + (" with overrides" if overrides or extra else ""))
 

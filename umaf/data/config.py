@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from umaf.config import StorageConfig, StrictModel
 
@@ -30,10 +30,12 @@ class PrepareConfig(StrictModel):
     )
     out: str = Field(
         "./outputs/demo/manifest",
-        description="manifest URI (local folder or s3://); for 'demo' the folder that gets images/, manifest/ "
-        "and reference_captions/ (a trailing /manifest is taken off)",
+        description="manifest URI (local folder or s3://); the report goes to <out>.report.json; 'demo' also "
+        "writes images/ and reference_captions/ beside the manifest (in its parent folder)",
     )
-    dataset: str | None = Field(None, description="dataset name stored in the manifest; default from the format/source")
+    dataset: str | None = Field(
+        None, description="dataset name stored in the manifest; default from the format/source (demo: always 'demo')"
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="an unparseable line or unknown label: stop naming file/line/value, or skip and count it"
     )
@@ -56,12 +58,17 @@ class PrepareConfig(StrictModel):
     demo: DemoSizes = Field(default_factory=DemoSizes)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios_sum_to_one(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ValueError("the three ratios must be >= 0 and sum to 1, e.g. [0.8, 0.1, 0.1]")
+        return ratios
+
     @model_validator(mode="after")
-    def _check(self) -> PrepareConfig:
+    def _source_unless_demo(self) -> PrepareConfig:
         if self.format != "demo" and not self.source:
-            raise ValueError(f"source is required for format {self.format!r} (--source DIR)")
-        if any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1.0) > 1e-6:
-            raise ValueError(f"split_ratios {list(self.split_ratios)} must be >= 0 and sum to 1")
+            raise ValueError(f"source is required for format {self.format!r}: give --source DIR (or source=DIR)")
         return self
 
     @property
