@@ -1,0 +1,96 @@
+"""DDP equivalence of the UMAF step: 2 gloo workers on halves of a batch == 1 process on the whole.
+
+The uniformity loss (Eq. 5) couples the samples of a batch; computed per rank it would silently be
+a different loss. With features gathered across ranks (``umaf.distributed.gather_with_grad``) both
+ranks must report the global loss, and after one optimizer step the parameters must equal those of
+one process that saw the concatenated batch (SGD, so equal parameters mean equal gradients).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from umaf.models.encoders import build_tiny_random_bert
+from umaf.models.umaf import UmafConfig
+from umaf.train.config import TrainConfig
+from umaf.train.method import StepContext
+from umaf.train.umaf_method import UmafMethod
+
+BATCH = 8
+
+
+def make_config(cache: str) -> TrainConfig:
+    return TrainConfig(
+        num_workers=2, batch_size=BATCH, grad_clip=None,
+        umaf=UmafConfig(encoder="tiny-random-bert", encoder_cache=cache, dropout=0.0, top_k=3,
+                        uniformity_weight=0.5, uniformity_tau=0.2, max_length=20),
+    )
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 21, (BATCH,), generator=gen)
+    ids = torch.randint(1000, 5000, (BATCH, 20), generator=gen)
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 3, (BATCH,), generator=gen)}
+
+
+def one_step(model, batch, cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    method = UmafMethod()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ctx = StepContext(optimizer=optimizer, device=torch.device("cpu"), config=cfg)
+    terms = method.train_step(model, batch, ctx)
+    module = model.module if hasattr(model, "module") else model
+    return terms, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, cache: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = make_config(cache)
+        torch.manual_seed(0)
+        model = UmafMethod().build_model(cfg, 3)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        half = BATCH // world
+        batch = {k: v[rank * half:(rank + 1) * half] for k, v in make_batch().items()}
+        terms, state = one_step(ddp, batch, cfg)
+        torch.save({"terms": terms, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_gloo_workers_equal_one_process_on_the_whole_batch(tmp_path):
+    from tests.conftest import free_port
+
+    cache = str(tmp_path / "encoders")
+    build_tiny_random_bert(cache)
+    mp.spawn(_worker, args=(2, free_port(), cache, str(tmp_path)), nprocs=2, join=True)
+
+    cfg = make_config(cache)
+    torch.manual_seed(0)
+    model = UmafMethod().build_model(cfg, 3)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    single_terms, single_state = one_step(model, make_batch(), cfg)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        # every rank computed the uniformity loss of the GLOBAL batch
+        assert r["terms"]["uniformity"] == pytest.approx(single_terms["uniformity"], rel=1e-5)
+    # the CE of the global batch is the mean of the two halves' CE (equal halves)
+    assert (ranks[0]["terms"]["ce"] + ranks[1]["terms"]["ce"]) / 2 == pytest.approx(single_terms["ce"], rel=1e-5)
+    moved = 0
+    for name, value in single_state.items():
+        for r in ranks:
+            torch.testing.assert_close(r["state"][name], value, rtol=1e-4, atol=1e-6, msg=f"parameter {name}")
+        moved += int(not torch.equal(value, before[name]))
+    assert moved > 10  # the step really changed the encoder, fusion, scorer and classifier
+    assert not torch.equal(single_state["scorer.weight"], before["scorer.weight"])
