@@ -145,3 +145,17 @@ def test_msed_to_s3_with_s3_images(shared_data: Path, s3_bucket: str):
     assert on_s3["counts"] == report["counts"]
     assert {"id": "dev-3", "image": f"{s3_bucket}/msed-images/dev/images/3.jpg"} == {
         k: on_s3["unreadable_image_list"][0][k] for k in ("id", "image")}
+
+
+def test_source_on_s3(shared_data: Path, s3_bucket: str):
+    """--source may itself be an s3:// folder (here the MMSD2.0 sample, uploaded with boto3)."""
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    boto3.client("s3").upload_file(str(shared_data / "mmsd2/data/text_json_final/test.json"), bucket, "mmsd2/test.json")
+    report = prepare_job.main(["--format", "mmsd2", "--source", f"{s3_bucket}/mmsd2", "--out", f"{s3_bucket}/m",
+                               "--images", f"{s3_bucket}/mmsd2-images"])
+    assert report["counts"]["test"] == {"rows": 15, "sarcasm": {"not_sarcastic": 5, "sarcastic": 10}}
+    assert report["missing_images"] == 15  # no images uploaded: listed, not fatal
+    table = read_manifest(f"{s3_bucket}/m").table
+    assert table.num_rows == 15 and not any(table["image_ok"].to_pylist())

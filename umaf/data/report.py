@@ -105,7 +105,8 @@ def format_summary(report: dict[str, Any]) -> str:
     if report["split"].get("method") != "published":
         lines.append(f"  split: {report['split']}")
     for rule, n in report["cleaning"].items():
-        lines.append(f"  cleaning: {rule}: {n} dropped")
+        if n:
+            lines.append(f"  cleaning: {rule}: {n} dropped")
     if report["text_decoding"]:
         lines.append("  text decoding: " + ", ".join(f"{k} {v}" for k, v in report["text_decoding"].items()))
     lines.append(f"  skipped records: {report['skipped_records']}")
