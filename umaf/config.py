@@ -170,6 +170,12 @@ def apply_override(data: dict[str, Any], model: type[BaseModel], path: list[str]
     node, current = data, model
     for depth, key in enumerate(path):
         dotted = ".".join(path[: depth + 1])
+        if current is dict:  # a free-form mapping field (e.g. a search space): any sub-key, values validated later
+            for part in path[depth:-1]:
+                child = node.get(part)
+                node = node.setdefault(part, {}) if isinstance(child, dict) or child is None else node
+            node[path[-1]] = value
+            return
         if current is None:
             raise ConfigError(f"unknown key {dotted!r}: {'.'.join(path[:depth])!r} has no sub-keys")
         if key not in current.model_fields:
@@ -184,7 +190,8 @@ def apply_override(data: dict[str, Any], model: type[BaseModel], path: list[str]
             child = {}
             node[key] = child
         node = child
-        current = _submodel(current.model_fields[key].annotation)
+        annotation = current.model_fields[key].annotation
+        current = dict if get_origin(annotation) is dict or annotation is dict else _submodel(annotation)
 
 
 def _describe_error(err: dict[str, Any]) -> str:

@@ -67,6 +67,9 @@ class TrainConfig(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float | None = Field(None, gt=0, description="default 1 when use_gpu")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts after a failure (-1: unlimited)")
+    controller_failure_limit: int = Field(
+        2, ge=0, description="Train controller failures tolerated (e.g. workers that cannot be placed) before the run fails"
+    )
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray checkpoints kept (the latest is always kept)")
     preprocess_concurrency: int = Field(1, ge=1, description="Ray Data actors for preprocessing (tokenisation)")
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -154,7 +154,7 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
             name=name,
             storage_path=storage_path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.controller_failure_limit),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoints_to_keep,
                 checkpoint_score_attribute=f"dev_{best_metric}",
