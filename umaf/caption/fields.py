@@ -24,10 +24,18 @@ class CaptionFields(BaseModel):
     textimage_relation: str = Field(description="the relationship between the textual and visual content")
 
 
-def caption_json_schema() -> dict:
-    """JSON schema of :class:`CaptionFields`: an object with exactly the three required string fields."""
+def caption_json_schema(max_field_chars: int | None = None) -> dict:
+    """JSON schema of :class:`CaptionFields`: an object with exactly the three required string fields.
+
+    ``max_field_chars`` adds ``maxLength`` to each field. Grammar-constrained decoding (xgrammar,
+    vLLM structured outputs) then bounds every answer, so a rambling model cannot run into
+    ``max_new_tokens`` and leave truncated JSON; the parser checks the same bound.
+    """
     schema = CaptionFields.model_json_schema()
     schema["additionalProperties"] = False
+    if max_field_chars is not None:
+        for name in CAPTION_FIELDS:
+            schema["properties"][name]["maxLength"] = int(max_field_chars)
     return schema
 
 

@@ -1,0 +1,291 @@
+"""VLM backends behind one interface, and the rows they produce.
+
+* ``hf`` — :class:`HFBackend`: transformers ``AutoModelForImageTextToText`` + ``AutoProcessor``,
+  batched ``generate``, the caption JSON schema enforced token by token by xgrammar's logits
+  processor (the grammar engine vLLM uses too), so even a random-weight model answers in schema.
+* ``vllm`` — not a class here: Ray's own ``ray.data.llm`` runs the engines. This module only builds
+  what it needs, as pure functions that are unit-tested without vLLM: the
+  ``vLLMEngineProcessorConfig`` (:func:`vllm_processor_config`), one request per row
+  (:func:`vllm_request`: chat messages with the image, sampling parameters with
+  ``structured_outputs={"json": schema}``) and the mapping of its output rows back to caption
+  rows (:func:`vllm_output_to_caption`).
+
+Both paths end in :func:`caption_row`, so the stored rows are identical whichever backend made them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from umaf.caption.config import TINY_MODEL, CaptionConfig
+from umaf.caption.fields import caption_json_schema
+from umaf.caption.parse import parse_caption
+from umaf.caption.prompt import PROMPT_VERSION, render_prompt
+from umaf.caption.store import STATUS_ERROR
+
+log = logging.getLogger("umaf.caption")
+
+
+@dataclass(frozen=True)
+class Generation:
+    raw: str
+    output_tokens: int
+    truncated: bool  # stopped at max_tokens rather than at end-of-sequence
+
+
+class CaptionBackend(Protocol):
+    model_name: str
+
+    def generate(self, texts: list[str], images: list[Any]) -> list[Generation]:
+        """One generation per (text, PIL image) pair, in order."""
+        ...
+
+
+def caption_row(
+    pair_id: str,
+    *,
+    model: str,
+    sampling_json: str,
+    image_sha256: str | None,
+    generation: Generation | None = None,
+    error: str | None = None,
+    max_field_chars: int | None = None,
+    captioned_at: datetime | None = None,
+) -> dict[str, Any]:
+    """One row of :data:`umaf.caption.store.CAPTION_SCHEMA`.
+
+    ``error`` (image or inference failure) gives ``status="error"``; otherwise the generation is
+    parsed and gives ``ok`` or ``invalid`` (with the raw text always kept).
+    """
+    row: dict[str, Any] = {
+        "id": pair_id, "ocr": None, "visual_scene": None, "textimage_relation": None, "raw": None,
+        "status": STATUS_ERROR, "error": error, "model": model, "prompt_version": PROMPT_VERSION,
+        "sampling": sampling_json, "image_sha256": image_sha256, "output_tokens": None,
+        "captioned_at": captioned_at or datetime.now(timezone.utc),
+    }
+    if error is not None or generation is None:
+        row["error"] = error or "no generation"
+        return row
+    parsed = parse_caption(generation.raw, truncated=generation.truncated, max_field_chars=max_field_chars)
+    row.update(
+        raw=generation.raw, status=parsed.status, error=parsed.error, output_tokens=generation.output_tokens,
+        ocr=parsed.ocr, visual_scene=parsed.visual_scene, textimage_relation=parsed.textimage_relation,
+    )
+    return row
+
+
+def resolve_model_path(config: CaptionConfig) -> str:
+    """``tiny`` → the locally built tiny VLM (built on first use); anything else is passed on as given."""
+    if config.model == TINY_MODEL:
+        from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+        return str(ensure_tiny_vlm(config.model_cache_dir))
+    return config.model
+
+
+def model_label(config: CaptionConfig) -> str:
+    """The ``model`` column: the name the user gave (a local path is reduced to its folder name)."""
+    if config.model == TINY_MODEL:
+        from umaf.caption.tiny_vlm import TINY_VLM_VERSION
+
+        return f"umaf-tiny-llava-v{TINY_VLM_VERSION}"
+    return Path(config.model).name if Path(config.model).exists() else config.model
+
+
+# ------------------------------------------------------------------------------------------------
+# hf
+
+
+class HFBackend:
+    """transformers VLM with xgrammar-constrained JSON output. One instance per actor (holds the model)."""
+
+    def __init__(self, config: CaptionConfig):
+        import torch
+        import xgrammar as xgr
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.config = config
+        self.model_name = model_label(config)
+        path = resolve_model_path(config)
+        device = config.hf.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[config.hf.dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if config.hf.attn_implementation:
+            kwargs["attn_implementation"] = config.hf.attn_implementation
+        self.device = device
+        self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batched generation: pad on the left
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # The model's vocabulary can be larger than the tokenizer's (padded embeddings).
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab_size)
+        schema = json.dumps(caption_json_schema(config.max_field_chars))
+        self.grammar = xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False)
+        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id) or [self.tokenizer.eos_token_id])
+
+    def _prompt(self, text: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_prompt(text)}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, texts: list[str], images: list[Any]) -> list[Generation]:
+        import torch
+        import xgrammar as xgr
+
+        if not texts:
+            return []
+        s = self.config.sampling
+        inputs = self.processor(
+            images=images, text=[self._prompt(t) for t in texts], return_tensors="pt", padding=True
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_tokens, "repetition_penalty": s.repetition_penalty}
+        if s.temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            # A fresh grammar processor per call: xgrammar's matchers are single-use.
+            out = self.model.generate(
+                **inputs, logits_processor=[xgr.contrib.hf.LogitsProcessor(self.grammar)],
+                pad_token_id=self.tokenizer.pad_token_id, **gen_kwargs,
+            )
+        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        results = []
+        for tokens in new_tokens:
+            n, ended = len(tokens), False
+            for i, tok in enumerate(tokens):
+                if tok in self.eos_ids:
+                    n, ended = i + 1, True
+                    break
+            text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            results.append(Generation(raw=text, output_tokens=n, truncated=not ended and n >= s.max_tokens))
+        return results
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+# ------------------------------------------------------------------------------------------------
+# vllm (through ray.data.llm)
+
+
+def vllm_engine_kwargs(config: CaptionConfig) -> dict[str, Any]:
+    v = config.vllm
+    mm_kwargs: dict[str, Any] = {"max_pixels": v.max_pixels}
+    if v.min_pixels is not None:
+        mm_kwargs["min_pixels"] = v.min_pixels
+    kwargs: dict[str, Any] = {
+        "max_model_len": v.max_model_len,
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "mm_processor_kwargs": mm_kwargs,
+        "limit_mm_per_prompt": {"image": 1},
+        "trust_remote_code": False,
+    }
+    if v.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = v.max_num_seqs
+    kwargs.update(v.engine_kwargs)
+    return kwargs
+
+
+def vllm_processor_config(config: CaptionConfig):
+    """The ``ray.data.llm.vLLMEngineProcessorConfig`` for this job (constructible without vLLM installed).
+
+    One replica per ``tensor_parallel_size`` GPUs, ``actors.min_actors..max_actors`` replicas;
+    ``should_continue_on_error`` so a failing row comes back with ``__inference_error__`` instead of
+    killing the job; ``prepare_multimodal_stage`` turns the image content into vLLM multimodal inputs.
+    """
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    if config.model == TINY_MODEL:
+        raise ValueError("backend=vllm needs a real model (model=Qwen/Qwen2.5-VL-7B-Instruct or a path); "
+                         "'tiny' is the hf backend's test model")
+    a = config.actors
+    concurrency = a.max_actors if a.min_actors == a.max_actors else (a.min_actors, a.max_actors)
+    kwargs: dict[str, Any] = dict(
+        model_source=config.model,
+        engine_kwargs=vllm_engine_kwargs(config),
+        batch_size=a.batch_size,
+        concurrency=concurrency,
+        should_continue_on_error=True,
+        prepare_multimodal_stage={"enabled": True},
+        chat_template_stage={"enabled": True},
+        tokenize_stage={"enabled": True},
+        detokenize_stage={"enabled": True},
+    )
+    if config.vllm.accelerator_type:
+        kwargs["accelerator_type"] = config.vllm.accelerator_type
+    return vLLMEngineProcessorConfig(**kwargs)
+
+
+def vllm_sampling_params(config: CaptionConfig) -> dict[str, Any]:
+    s = config.sampling
+    params: dict[str, Any] = {
+        "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+        "repetition_penalty": s.repetition_penalty,
+        "structured_outputs": {"json": caption_json_schema(config.max_field_chars)},
+    }
+    if s.seed is not None:
+        params["seed"] = s.seed
+    return params
+
+
+def vllm_request(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
+    """``build_processor`` preprocess: one loaded-image row → chat messages + sampling parameters.
+
+    The image goes in as a base64 JPEG data URL (already downscaled by the CPU stage), which vLLM's
+    chat parser accepts for every multimodal model; the pair's id and image hash ride along.
+    """
+    data_url = "data:image/jpeg;base64," + base64.b64encode(row["image_jpeg"]).decode("ascii")
+    return {
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": render_prompt(row["text"])},
+            ]},
+        ],
+        "sampling_params": vllm_sampling_params(config),
+        "id": row["id"],
+        "image_sha256": row["image_sha256"],
+    }
+
+
+def vllm_output_to_caption(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
+    """``build_processor`` postprocess: a vLLM output row → a caption row (errors kept, never raised)."""
+    sampling_json = config.sampling.as_json()
+    error = row.get("__inference_error__") or None
+    if error:
+        return caption_row(row["id"], model=model_label(config), sampling_json=sampling_json,
+                           image_sha256=row.get("image_sha256"), error=f"inference failed: {error}")
+    tokens = int(row.get("num_generated_tokens") or 0)
+    finish = row.get("finish_reason")
+    truncated = finish == "length" if finish is not None else tokens >= config.sampling.max_tokens
+    generation = Generation(raw=row.get("generated_text") or "", output_tokens=tokens, truncated=truncated)
+    return caption_row(row["id"], model=model_label(config), sampling_json=sampling_json,
+                       image_sha256=row.get("image_sha256"), generation=generation,
+                       max_field_chars=config.max_field_chars)
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

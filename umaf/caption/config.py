@@ -1,0 +1,109 @@
+"""``CaptionConfig``: every knob of ``jobs/caption.py`` (presets in ``configs/caption/*.yaml``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field
+
+from umaf.config import RayConfig, StorageConfig, StrictModel
+
+TINY_MODEL = "tiny"  # model name that means: the tiny random-weight LLaVA built by umaf.caption.tiny_vlm
+
+
+class SamplingConfig(StrictModel):
+    """Generation parameters, identical for both backends and stored with every caption."""
+
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (reproducible captions)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (when temperature > 0)")
+    max_tokens: int = Field(512, ge=1, description="max new tokens per caption; a caption cut here is 'invalid'")
+    seed: int | None = Field(0, description="sampling seed (when temperature > 0)")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 = off")
+
+    def as_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+class HFConfig(StrictModel):
+    """The transformers backend (CPU or GPU)."""
+
+    device: str = Field("auto", description="'auto' (cuda if the actor has a GPU, else cpu), 'cpu', 'cuda'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on GPU, float32 on CPU"
+    )
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'")
+
+
+class VLLMConfig(StrictModel):
+    """The vLLM backend via ``ray.data.llm`` (GPU). One engine replica per ``tensor_parallel_size`` GPUs."""
+
+    max_model_len: int = Field(8192, ge=256, description="context length of the engine")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica")
+    max_pixels: int = Field(
+        1280 * 28 * 28, ge=28 * 28, description="mm_processor_kwargs.max_pixels (Qwen2.5-VL image budget)"
+    )
+    min_pixels: int | None = Field(None, description="mm_processor_kwargs.min_pixels")
+    max_num_seqs: int | None = Field(None, description="engine max_num_seqs (None: vLLM default)")
+    accelerator_type: str | None = Field(None, description="e.g. 'A10G', 'H100' to pin replicas to a GPU type")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
+
+
+class ImageConfig(StrictModel):
+    """The CPU stage that loads images before the VLM actors see them."""
+
+    max_side: int = Field(768, ge=16, description="downscale so the longest side is at most this (pixels)")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="larger image files are 'error' rows")
+    max_pixels: int = Field(
+        64_000_000, ge=1024, description="decoded width×height above this is 'error' (decompression bombs)"
+    )
+    jpeg_quality: int = Field(90, ge=30, le=100, description="re-encoding quality after downscaling")
+    batch_size: int = Field(32, ge=1, description="rows per image-loading task")
+
+
+class ActorsConfig(StrictModel):
+    """The VLM actor pool."""
+
+    min_actors: int = Field(1, ge=1, description="actors started at once")
+    max_actors: int = Field(1, ge=1, description="pool grows up to this many (one per GPU for GPU runs)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor (hf backend; vllm uses tensor_parallel_size)")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per actor")
+    batch_size: int = Field(8, ge=1, description="pairs per generate() call")
+
+
+class OutputConfig(StrictModel):
+    rows_per_file: int = Field(
+        5000, ge=1, description="minimum rows per Parquet file (fewer only at the end of a run): no tiny files on S3"
+    )
+
+
+class CaptionConfig(StrictModel):
+    """``jobs/caption.py``: caption a manifest's pairs with a VLM into a captions dataset."""
+
+    manifest: str | None = Field(
+        None, description="manifest URI; None = the demo dataset, generated under demo_dir on first use"
+    )
+    out: str = Field("./outputs/demo/captions", description="captions dataset URI (local folder or s3://)")
+    demo_dir: str = Field("./outputs/demo", description="where the demo dataset is written when manifest is None")
+    splits: list[Literal["train", "dev", "test"]] | None = Field(None, description="caption only these splits")
+    limit: int | None = Field(None, ge=1, description="caption only the first N selected rows (manifest order)")
+    retry_failed: bool = Field(False, description="also redo ids whose caption is 'invalid' or 'error'")
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str = Field(TINY_MODEL, description="model path or hub id; 'tiny' = a tiny random-weight LLaVA built locally")
+    model_cache_dir: str = Field("./outputs/cache/models", description="where the 'tiny' model is built")
+    max_field_chars: int | None = Field(
+        None, ge=1, description="maxLength of each JSON field, enforced while decoding (bounds cost and truncation)"
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    hf: HFConfig = Field(default_factory=HFConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    images: ImageConfig = Field(default_factory=ImageConfig)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def storage_kw(self) -> dict[str, Any]:
+        return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}

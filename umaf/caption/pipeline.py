@@ -1,0 +1,327 @@
+"""The caption job's Ray Data pipeline: manifest → skip done ids → load images (CPU) → VLM actors → Parquet.
+
+Streaming end to end: rows flow through the stages and finished captions land in Parquet files at
+the output URI while later rows are still being generated, so a crash loses at most the rows that
+were in flight.
+
+Resume and idempotence. The output dataset itself is the checkpoint: before starting, the driver
+reads the ``id`` and ``status`` columns already at the output and removes those ids from the work
+(``ok`` ids always; ``invalid``/``error`` ids too unless ``retry_failed``). We do not use Ray Data's
+``CheckpointConfig``: it skips every id it has written whatever its status, so it cannot offer
+``--retry-failed``, and it keeps a second copy of the ids beside the data; the status-aware skip is
+a few lines over the data we write anyway. A run killed midway leaves complete Parquet files (and at
+worst one torn file, which readers ignore); a re-run skips what those files hold. Rows an id may
+gain across runs (``error`` then ``ok`` after a retry) are resolved by the readers in
+:mod:`umaf.caption.store`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter as TallyCounter
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umaf import storage
+from umaf.caption.backends import caption_row, model_label
+from umaf.caption.config import CaptionConfig
+from umaf.caption.images import load_image, open_jpeg, resolve_image_uri
+from umaf.caption.store import CAPTION_SCHEMA, STATUS_ERROR, STATUS_INVALID, STATUS_OK, read_captions
+from umaf.data.manifest import schema_labels
+
+log = logging.getLogger("umaf.caption")
+
+LOADED_SCHEMA = pa.schema([
+    pa.field("id", pa.string()), pa.field("text", pa.string()), pa.field("image_jpeg", pa.binary()),
+    pa.field("image_sha256", pa.string()), pa.field("error", pa.string()),
+])
+STATUSES = (STATUS_OK, STATUS_INVALID, STATUS_ERROR)
+
+
+def absolutize(config: CaptionConfig) -> CaptionConfig:
+    """Make local paths absolute on the driver: actors run in other working directories."""
+    def fix(value: str | None) -> str | None:
+        if value is None or "://" in value:
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
+    update = {"out": fix(config.out), "demo_dir": fix(config.demo_dir), "manifest": fix(config.manifest),
+              "model_cache_dir": fix(config.model_cache_dir)}
+    model = config.model
+    if model not in ("tiny",) and (model.startswith((".", "~", "/")) or os.path.isdir(model)):
+        update["model"] = fix(model)
+    return config.model_copy(update=update)
+
+
+def ensure_manifest(config: CaptionConfig) -> str:
+    """The manifest URI to caption: the given one, or the demo dataset (written on first use)."""
+    if config.manifest:
+        return config.manifest
+    from umaf.data.demo import write_demo
+
+    manifest = storage.join(config.demo_dir, "manifest")
+    if not storage.exists(manifest, **config.storage_kw):
+        log.info("[caption stage=prepare dataset=demo] writing the demo dataset to %s", config.demo_dir)
+        return write_demo(config.demo_dir, **config.storage_kw)["manifest"]
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure planning: which ids to caption
+
+
+def read_statuses(out_uri: str, **storage_kw) -> pa.Table:
+    """``id``/``status`` of every caption row already at ``out_uri`` (empty table if there is none)."""
+    empty = pa.table({"id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    if not storage.exists(out_uri, **storage_kw):
+        return empty
+    try:
+        return read_captions(out_uri, columns=["id", "status"], **storage_kw)
+    except (FileNotFoundError, pa.ArrowInvalid) as exc:
+        if "no files" in str(exc).lower() or isinstance(exc, FileNotFoundError):
+            return empty
+        raise
+
+
+def done_ids(statuses: pa.Table, *, retry_failed: bool) -> pa.Array:
+    """Ids not to caption again: those with an ``ok`` row; with any row unless ``retry_failed``."""
+    if retry_failed:
+        statuses = statuses.filter(pc.equal(statuses["status"], STATUS_OK))
+    return pc.unique(statuses["id"]).cast(pa.string())
+
+
+def latest_status_counts(statuses: pa.Table) -> dict[str, int]:
+    """Per id, the best status it has (ok beats invalid beats error), counted: the dataset's state."""
+    rank = {STATUS_OK: 0, STATUS_INVALID: 1, STATUS_ERROR: 2}
+    best: dict[str, int] = {}
+    for pair_id, status in zip(statuses["id"].to_pylist(), statuses["status"].to_pylist()):
+        r = rank.get(status, 2)
+        if r < best.get(pair_id, 3):
+            best[pair_id] = r
+    tally = TallyCounter(best.values())
+    return {status: tally.get(r, 0) for status, r in rank.items()}
+
+
+def select_ids(manifest_uri: str, config: CaptionConfig) -> tuple[pa.Array, str]:
+    """The manifest ids this run is about (splits, then the first ``limit``), and the dataset name."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(manifest_uri, **config.storage_kw)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    name, _ = schema_labels(dataset.schema)
+    table = dataset.to_table(columns=["id", "split"])
+    if config.splits:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(config.splits))))
+    ids = table["id"].combine_chunks()
+    if config.limit is not None:
+        ids = ids.slice(0, config.limit)
+    return ids, name or "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Data stages (module-level so Ray pickles them by reference)
+
+
+_IDS_CACHE: dict[Any, pa.Array] = {}
+
+
+def keep_ids(batch: pa.Table, *, ids_ref_box: list) -> pa.Table:
+    """Filter stage: keep only rows whose id is to be captioned.
+
+    The id array lives once in the object store; ``ids_ref_box`` wraps its ref in a list so Ray
+    does not inline the array into every task, and each worker process fetches it once.
+    """
+    import ray
+
+    ref = ids_ref_box[0]
+    ids = _IDS_CACHE.get(ref)
+    if ids is None:
+        _IDS_CACHE.clear()
+        ids = _IDS_CACHE[ref] = ray.get(ref)
+    return batch.filter(pc.is_in(batch["id"], value_set=ids))
+
+
+def load_images_batch(batch: pa.Table, *, manifest_uri: str, images: dict, storage_kw: dict) -> pa.Table:
+    """CPU stage: read, check and downscale each row's image; a bad image becomes an ``error`` value."""
+    jpegs, shas, errors = [], [], []
+    for image in batch["image"].to_pylist():
+        uri = resolve_image_uri(image, manifest_uri) if image else None
+        loaded = load_image(uri, max_side=images["max_side"], max_bytes=images["max_bytes"],
+                            max_pixels=images["max_pixels"], jpeg_quality=images["jpeg_quality"],
+                            storage_kw=storage_kw)
+        jpegs.append(loaded.jpeg)
+        shas.append(loaded.sha256)
+        errors.append(loaded.error)
+    return pa.Table.from_arrays(
+        [batch["id"].cast(pa.string()), batch["text"].cast(pa.string()), pa.array(jpegs, pa.binary()),
+         pa.array(shas, pa.string()), pa.array(errors, pa.string())],
+        schema=LOADED_SCHEMA,
+    )
+
+
+class CaptionMetrics:
+    """Custom metrics (``ray.util.metrics``) on the dashboard's metrics page / Prometheus endpoint."""
+
+    def __init__(self, dataset: str, model: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"dataset": dataset, "model": model}
+        self.captions = Counter("umaf_caption_captions", "captions written, by status",
+                                tag_keys=("dataset", "model", "status"))
+        self.tokens = Counter("umaf_caption_output_tokens", "tokens generated", tag_keys=("dataset", "model"))
+        self.rate = Gauge("umaf_caption_images_per_second", "images captioned per second by one VLM actor",
+                          tag_keys=("dataset", "model"))
+
+    def record(self, rows: list[dict], seconds: float) -> None:
+        for status, n in TallyCounter(r["status"] for r in rows).items():
+            self.captions.inc(n, tags={**self.tags, "status": status})
+        tokens = sum(r["output_tokens"] or 0 for r in rows)
+        if tokens:
+            self.tokens.inc(tokens, tags=self.tags)
+        generated = sum(1 for r in rows if r["output_tokens"] is not None)
+        if generated and seconds > 0:
+            self.rate.set(generated / seconds, tags=self.tags)
+
+
+class HFCaptioner:
+    """VLM actor (hf backend): one model per actor; error rows from the image stage pass straight through."""
+
+    def __init__(self, config_json: str, dataset: str):
+        from umaf.caption.backends import HFBackend
+
+        self.config = CaptionConfig.model_validate_json(config_json)
+        start = time.perf_counter()
+        self.backend = HFBackend(self.config)
+        self.sampling_json = self.config.sampling.as_json()
+        self.dataset = dataset
+        self.metrics = CaptionMetrics(dataset, self.backend.model_name)
+        log.info("[caption stage=vlm dataset=%s] actor loaded %s on %s in %.1fs", dataset,
+                 self.backend.model_name, self.backend.device, time.perf_counter() - start)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        ids = batch["id"].to_pylist()
+        errors = batch["error"].to_pylist()
+        shas = batch["image_sha256"].to_pylist()
+        todo = [i for i, err in enumerate(errors) if err is None]
+        generations: dict[int, Any] = {}
+        if todo:
+            texts = batch["text"].to_pylist()
+            jpegs = batch["image_jpeg"].to_pylist()
+            try:
+                outs = self.backend.generate([texts[i] for i in todo], [open_jpeg(jpegs[i]) for i in todo])
+                generations = dict(zip(todo, outs))
+            except Exception as exc:  # one bad batch must not kill the job: its rows become error rows
+                log.exception("[caption stage=vlm dataset=%s] generate failed for %d rows", self.dataset, len(todo))
+                for i in todo:
+                    errors[i] = f"generation failed: {type(exc).__name__}: {exc}"
+        now = datetime.now(timezone.utc)
+        rows = [
+            caption_row(ids[i], model=self.backend.model_name, sampling_json=self.sampling_json,
+                        image_sha256=shas[i], generation=generations.get(i), error=errors[i],
+                        max_field_chars=self.config.max_field_chars, captioned_at=now)
+            for i in range(len(ids))
+        ]
+        self.metrics.record(rows, time.perf_counter() - start)
+        return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+
+
+def error_rows_batch(batch: pa.Table, *, model: str, sampling_json: str) -> pa.Table:
+    """Image-stage errors as caption rows (the vllm path, where they bypass the engine)."""
+    now = datetime.now(timezone.utc)
+    rows = [caption_row(i, model=model, sampling_json=sampling_json, image_sha256=s, error=e, captioned_at=now)
+            for i, s, e in zip(batch["id"].to_pylist(), batch["image_sha256"].to_pylist(), batch["error"].to_pylist())]
+    return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+
+
+def _vllm_stage(loaded, config: CaptionConfig):
+    from ray.data.llm import build_processor
+
+    from umaf.caption.backends import vllm_output_to_caption, vllm_processor_config, vllm_request
+
+    good = loaded.filter(lambda row: row["error"] is None)
+    bad = loaded.filter(lambda row: row["error"] is not None)
+    processor = build_processor(
+        vllm_processor_config(config),
+        preprocess=lambda row: vllm_request(row, config),
+        postprocess=lambda row: vllm_output_to_caption(row, config),
+    )
+    captions = processor(good).map_batches(lambda b: pa.Table.from_pylist(b.to_pylist(), schema=CAPTION_SCHEMA),
+                                           batch_format="pyarrow")
+    errors = bad.map_batches(error_rows_batch, batch_format="pyarrow",
+                             fn_kwargs={"model": model_label(config), "sampling_json": config.sampling.as_json()})
+    return captions.union(errors)
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_caption(config: CaptionConfig) -> dict[str, Any]:
+    """Caption what is not yet done; return the summary (also written to ``<out>/_summary.json``)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    config = absolutize(config)
+    started = time.time()
+    manifest_uri = ensure_manifest(config)
+    selected, dataset = select_ids(manifest_uri, config)
+    tag = f"[caption dataset={dataset}"
+    before = read_statuses(config.out, **config.storage_kw)
+    done = done_ids(before, retry_failed=config.retry_failed)
+    todo = pc.filter(selected, pc.invert(pc.is_in(selected, value_set=done))) if len(done) else selected
+    todo = pc.unique(todo)
+    log.info("%s stage=plan] %d selected, %d already done at %s, %d to caption (backend=%s model=%s)",
+             tag, len(selected), len(selected) - len(todo), config.out, len(todo), config.backend, config.model)
+
+    if len(todo):
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = True
+        mfs, mpath = storage.resolve(manifest_uri, **config.storage_kw)
+        ds = ray.data.read_parquet(mpath, filesystem=mfs, columns=["id", "text", "image"])
+        ds = ds.map_batches(keep_ids, fn_kwargs={"ids_ref_box": [ray.put(todo)]}, batch_format="pyarrow")
+        # The image stage asks for a different CPU share than the VLM actors on purpose: Ray Data
+        # then keeps it a separate stage of plain tasks instead of fusing it into the actors, so
+        # decoding and resizing run on spare CPUs while the (GPU) actors only generate.
+        loaded = ds.map_batches(
+            load_images_batch, batch_format="pyarrow", batch_size=config.images.batch_size, num_cpus=0.5,
+            fn_kwargs={"manifest_uri": manifest_uri, "images": config.images.model_dump(),
+                       "storage_kw": config.storage_kw},
+        )
+        a = config.actors
+        if config.backend == "hf":
+            captions = loaded.map_batches(
+                HFCaptioner, fn_constructor_kwargs={"config_json": config.model_dump_json(), "dataset": dataset},
+                compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
+                batch_size=a.batch_size, batch_format="pyarrow", num_gpus=a.num_gpus, num_cpus=a.num_cpus,
+            )
+        else:
+            captions = _vllm_stage(loaded, config)
+        ofs, opath = storage.resolve(config.out, **config.storage_kw)
+        ofs.create_dir(opath, recursive=True)
+        log.info("%s stage=write] writing captions to %s", tag, config.out)
+        captions.write_parquet(opath, filesystem=ofs, min_rows_per_file=config.output.rows_per_file)
+
+    after = read_statuses(config.out, **config.storage_kw)
+    new_rows = after.num_rows - before.num_rows
+    this_run = _count(after["status"]) - _count(before["status"])
+    summary = {
+        "dataset": dataset, "manifest": manifest_uri, "out": config.out, "backend": config.backend,
+        "model": config.model, "selected": len(selected), "skipped": len(selected) - len(todo),
+        "captioned": new_rows, "this_run": {s: this_run.get(s, 0) for s in STATUSES},
+        "dataset_status": latest_status_counts(after), "seconds": round(time.time() - started, 2),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+    storage.write_json_atomic(storage.join(config.out, "_summary.json"), summary, **config.storage_kw)
+    log.info("%s stage=summary] %s", tag, json.dumps(summary))
+    return summary
+
+
+def _count(status: pa.ChunkedArray) -> TallyCounter:
+    return TallyCounter(status.to_pylist())
