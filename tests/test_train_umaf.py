@@ -1,0 +1,132 @@
+"""jobs/train.py on a real local Ray cluster: the tiny preset trains UMAF on the demo dataset into a
+local run folder and into s3:// (moto server), resumes after its driver is SIGKILLed mid-run, and
+beats the majority-class baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from umaf import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from umaf.data.demo import write_demo
+
+    return write_demo(str(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="module")
+def encoder_cache(tmp_path_factory):
+    from umaf.models.encoders import build_tiny_random_bert
+
+    cache = tmp_path_factory.mktemp("encoders")
+    build_tiny_random_bert(cache)
+    return str(cache)
+
+
+def data_args(demo, encoder_cache):
+    return ["--manifest", demo["manifest"], "--captions", demo["reference_captions"], "--task", "sentiment",
+            f"umaf.encoder_cache={encoder_cache}"]
+
+
+@pytest.mark.timeout(600)
+def test_tiny_preset_trains_locally_and_beats_majority_baseline(ray_cluster, demo, encoder_cache, tmp_path):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import train as train_job
+
+    out = tmp_path / "run"
+    metrics = train_job.main(["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=5"])
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    test, baseline = metrics["test"], metrics["majority_baseline"]["test"]
+    assert metrics["best_metric"] == "weighted_f1" and metrics["world_size"] == 2
+    assert test["weighted_f1"] > baseline["weighted_f1"] + 0.2, (test, baseline)
+    assert test["accuracy"] > baseline["accuracy"] + 0.2
+    assert set(test["per_class"]) == {"negative", "neutral", "positive"}
+    assert sum(map(sum, test["confusion_matrix"])) == test["n"] == 60
+    assert metrics["data"]["splits"]["train"] == {"pairs": 240, "with_caption": 240, "without_caption": 0}
+
+    preds = pq.read_table(out / "predictions" / "test.parquet")
+    assert preds.num_rows == 60 and set(preds.column_names) >= {"id", "label", "pred", "probs", "pred_name"}
+    acc = sum(a == b for a, b in zip(preds["label"].to_pylist(), preds["pred"].to_pylist())) / 60
+    assert acc == pytest.approx(test["accuracy"])
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "best" / "model.pt").is_file() and (out / "config.yaml").is_file()
+    checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(checkpoints) <= 2  # checkpoints_to_keep=2: best and latest
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert state["next_epoch"] == 5 and (checkpoints[-1] / "optimizer.pt").is_file()
+
+
+def _latest_checkpoint_state(run_uri: str) -> dict | None:
+    snapshot_uri = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot_uri):
+        return None
+    snapshot = storage.read_json(snapshot_uri)
+    if isinstance(snapshot, str):  # Ray stores the snapshot as a JSON string inside JSON
+        snapshot = json.loads(snapshot)
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    name = latest["checkpoint_dir_name"]
+    return storage.read_json(storage.join(run_uri, name, "state.json"))
+
+
+def _driver(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+@pytest.mark.timeout(900)
+def test_s3_run_folder_and_resume_after_driver_sigkill(ray_cluster, demo, encoder_cache, s3_bucket, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    run_uri = f"{s3_bucket}/runs/tiny"
+    args = ["--model", "umaf", "--out", run_uri, *data_args(demo, encoder_cache), f"ray.address={address}"]
+
+    # 1. a long run, killed (SIGKILL: no cleanup) once it has reported a checkpoint or two
+    first = _driver([*args, "epochs=60"], tmp_path / "first.log")
+    deadline = time.time() + 480  # generous: a loaded 2-core box starts processes slowly
+    while time.time() < deadline and first.poll() is None:
+        state = _latest_checkpoint_state(run_uri)
+        if state and state["next_epoch"] >= 2:
+            break
+        time.sleep(1)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(5)  # the job's workers die with their driver
+    state = _latest_checkpoint_state(run_uri)
+    assert state is not None and state["next_epoch"] < 60
+    killed_at = state["next_epoch"]
+
+    # 2. the same command with the same run folder resumes from that checkpoint (2 more epochs)
+    second = _driver([*args, f"epochs={killed_at + 2}"], tmp_path / "second.log")
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-5000:]
+    metrics = storage.read_json(storage.join(run_uri, "metrics.json"))
+    assert metrics["resumed_from_epoch"] == killed_at
+    assert _latest_checkpoint_state(run_uri)["next_epoch"] == killed_at + 2
+    assert metrics["test"]["weighted_f1"] > metrics["majority_baseline"]["test"]["weighted_f1"]
+
+    # everything a researcher needs is in the s3:// run folder
+    fs, path = storage.resolve(run_uri)
+    from pyarrow.fs import FileSelector
+
+    names = {info.path[len(path) + 1:] for info in fs.get_file_info(FileSelector(path, recursive=True))}
+    assert {"metrics.json", "config.yaml", "data_report.json", "best/model.pt", "predictions/test.parquet"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    # one events file per driver run: the resumed run's scalars landed too
+    assert len([n for n in names if n.startswith("tensorboard/events")]) == 2
