@@ -21,6 +21,7 @@ the padded 200 tokens. fp16 halves the size again; the head casts back to fp32.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -69,19 +70,23 @@ def read_image_bytes(uri: str | None, storage_kw: dict[str, Any]) -> bytes | Non
         return None
 
 
+@functools.lru_cache(maxsize=2)
+def _encoders(image_encoder: str, text_encoder: str, use_gpu: bool):
+    """Loaded once per worker process: Ray reuses task workers, so later batches find them here."""
+    from umaf.models.encoders import load_tokenizer
+    from umaf.models.image_encoder import FrozenBert, FrozenResNet, load_image_processor
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    return (device, FrozenResNet(image_encoder).to(device).eval(), FrozenBert(text_encoder).to(device).eval(),
+            load_image_processor(image_encoder), load_tokenizer(text_encoder))
+
+
 class FrozenFeatureEncoder:
-    """Ray Data callable class: loads the frozen encoders once per actor, encodes a batch of rows."""
+    """Encodes a batch of rows with the frozen encoders (Ray Data batch function via :func:`encode_batch`)."""
 
     def __init__(self, image_encoder: str, text_encoder: str, image_size: int, max_length: int,
                  storage_kw: dict[str, Any], use_gpu: bool = False):
-        from umaf.models.encoders import load_tokenizer
-        from umaf.models.image_encoder import FrozenBert, FrozenResNet, load_image_processor
-
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.image = FrozenResNet(image_encoder).to(self.device).eval()
-        self.text = FrozenBert(text_encoder).to(self.device).eval()
-        self.processor = load_image_processor(image_encoder)
-        self.tokenizer = load_tokenizer(text_encoder)
+        self.device, self.image, self.text, self.processor, self.tokenizer = _encoders(image_encoder, text_encoder, use_gpu)
         self.image_size, self.max_length, self.storage_kw = image_size, max_length, storage_kw
 
     @torch.no_grad()
@@ -128,6 +133,12 @@ def decode_features(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     }
 
 
+def encode_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
+    """Ray Data batch function. Tasks (not a dedicated actor per split): their worker processes are
+    reused, so the encoders load once per process and no actor has to start for each split."""
+    return FrozenFeatureEncoder(**kwargs)(batch)
+
+
 def split_cache_uri(cache_dir: str, key: str, split: str) -> str:
     return storage.join(cache_dir, key, split)
 
@@ -141,7 +152,6 @@ def load_or_build(ds, *, cache_dir: str, split: str, image_encoder: str, text_en
     ``(dataset, info)`` where ``info`` says whether the cache was hit, its URI and row count.
     """
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     columns = [c for c in ("id", "text", "image", "image_ok", "label") if c in ds.columns()]
     ds = ds.select_columns(columns)
@@ -155,15 +165,14 @@ def load_or_build(ds, *, cache_dir: str, split: str, image_encoder: str, text_en
     if not hit:
         writer = uuid.uuid4().hex[:12]
         encoded = ds.map_batches(
-            FrozenFeatureEncoder,
-            fn_constructor_kwargs={"image_encoder": image_encoder, "text_encoder": text_encoder,
-                                   "image_size": image_size, "max_length": max_length,
-                                   "storage_kw": storage_kw, "use_gpu": use_gpu},
+            encode_batch,
+            fn_kwargs={"image_encoder": image_encoder, "text_encoder": text_encoder,
+                       "image_size": image_size, "max_length": max_length,
+                       "storage_kw": storage_kw, "use_gpu": use_gpu},
             batch_format="numpy",
             batch_size=batch_size,
-            compute=ActorPoolStrategy(size=concurrency),
             num_gpus=1 if use_gpu else None,
-            num_cpus=None if use_gpu else 1,
+            concurrency=concurrency,
         )
         fs, path = storage.resolve(storage.join(base, writer), **storage_kw)
         encoded.write_parquet(path, filesystem=fs)

@@ -15,6 +15,7 @@ encoders run in every step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -76,34 +77,34 @@ def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lab
     return {**terms, "l_clm": 0.0, "loss": float(loss1.detach()), "step2": 0.0}
 
 
-class _RawInputs:
-    """Ray Data callable class (no cache): token ids padded to ``max_length`` and image pixels."""
+@functools.lru_cache(maxsize=2)
+def _input_processors(image_encoder: str, text_encoder: str):
+    from umaf.models.encoders import load_tokenizer
+    from umaf.models.image_encoder import load_image_processor
 
-    def __init__(self, image_encoder: str, text_encoder: str, image_size: int, max_length: int, storage_kw: dict):
-        from umaf.models.encoders import load_tokenizer
-        from umaf.models.image_encoder import load_image_processor
+    return load_image_processor(image_encoder), load_tokenizer(text_encoder)
 
-        self.processor = load_image_processor(image_encoder)
-        self.tokenizer = load_tokenizer(text_encoder)
-        self.image_size, self.max_length, self.storage_kw = image_size, max_length, storage_kw
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from umaf.models.image_encoder import pixel_values_from_bytes
-        from umaf.train.feature_cache import read_image_bytes
+def raw_inputs_batch(batch: dict[str, np.ndarray], image_encoder: str, text_encoder: str, image_size: int,
+                     max_length: int, storage_kw: dict) -> dict[str, np.ndarray]:
+    """Ray Data batch function (no cache): token ids padded to ``max_length`` and image pixels. Runs as
+    tasks whose reused worker processes keep the processor and tokenizer loaded."""
+    from umaf.models.image_encoder import pixel_values_from_bytes
+    from umaf.train.feature_cache import read_image_bytes
 
-        images = [read_image_bytes(uri, self.storage_kw) for uri in batch["image"].tolist()]
-        pixels, ok = pixel_values_from_bytes(self.processor, images, self.image_size)
-        # Padded to max_length as the official data loader does (compat=official averages padding).
-        enc = self.tokenizer(batch["text"].tolist(), padding="max_length", truncation=True,
-                             max_length=self.max_length, return_tensors="np")
-        return {
-            "id": batch["id"],
-            "label": np.asarray(batch["label"], dtype=np.int64),
-            "image_ok": ok.numpy(),
-            "pixel_values": pixels.numpy().astype(np.float32),
-            "input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int64),
-        }
+    processor, tokenizer = _input_processors(image_encoder, text_encoder)
+    images = [read_image_bytes(uri, storage_kw) for uri in batch["image"].tolist()]
+    pixels, ok = pixel_values_from_bytes(processor, images, image_size)
+    # Padded to max_length as the official data loader does (compat=official averages padding).
+    enc = tokenizer(batch["text"].tolist(), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return {
+        "id": batch["id"],
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "image_ok": ok.numpy(),
+        "pixel_values": pixels.numpy().astype(np.float32),
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+    }
 
 
 def default_cache_dir(out: str) -> str:
@@ -126,8 +127,6 @@ class SppSclMethod(Method):
         return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
 
     def preprocess(self, ds, cfg, split: str):
-        from ray.data import ActorPoolStrategy
-
         from umaf.models.encoders import resolve_encoder
         from umaf.models.image_encoder import resolve_image_encoder
 
@@ -149,14 +148,12 @@ class SppSclMethod(Method):
             self.cache_info[split] = info
             return cached
         return ds.map_batches(
-            _RawInputs,
-            fn_constructor_kwargs={"image_encoder": s.image_encoder, "text_encoder": s.text_encoder,
-                                   "image_size": s.image_size, "max_length": s.max_length,
-                                   "storage_kw": self._storage_kw(cfg)},
+            raw_inputs_batch,
+            fn_kwargs={"image_encoder": s.image_encoder, "text_encoder": s.text_encoder,
+                       "image_size": s.image_size, "max_length": s.max_length, "storage_kw": self._storage_kw(cfg)},
             batch_format="numpy",
             batch_size=64,
-            compute=ActorPoolStrategy(size=cfg.preprocess_concurrency),
-            num_cpus=0.5,
+            concurrency=cfg.preprocess_concurrency,
         )
 
     def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
@@ -188,12 +185,52 @@ class SppSclMethod(Method):
         return {k: v for k, v in batch.items() if k in ("image_map", "text_states", "pixel_values", "input_ids", "attention_mask")}
 
     def train_step(self, model, batch, ctx: StepContext) -> dict[str, float]:
+        if batch["labels"].shape[0] < 2:
+            # BatchNorm cannot train on one sample and a contrastive loss has no pair. Train V2 splits
+            # the train set evenly, so every rank skips the same last batch (no DDP mismatch).
+            return {}
         return two_step_update(model, self._inputs(batch), batch["labels"], ctx.config.sppscl, ctx)
 
     def predict(self, model, batch):
         # CMF attends across the batch: the loop evaluates with a fixed eval_batch_size in split order.
         out = model(**self._inputs(batch))
         return out.logits, out.fused
+
+    def finish(self, model, cfg, split_batches, label_names, device, run_uri, storage_kw) -> dict[str, Any]:
+        """IID/TTD/ITD per class on dev and test, and a t-SNE PNG of the test fusion features."""
+        if not cfg.sppscl.diagnostics:
+            return {}
+        import json
+
+        from umaf import storage
+        from umaf.train.diagnostics import same_label_distances, tsne_png
+
+        was_training = model.training
+        model.eval()
+        summary: dict[str, Any] = {}
+        try:
+            for split in ("dev", "test"):
+                feats = {"image_p": [], "text_p": [], "fused": [], "label": []}
+                with torch.no_grad():
+                    for batch in split_batches(split):
+                        tensors = self.collate(batch, device)
+                        out = model(**self._inputs(tensors))
+                        for key in ("image_p", "text_p", "fused"):
+                            feats[key].append(getattr(out, key).float().cpu().numpy())
+                        feats["label"].append(np.asarray(batch["label"], dtype=np.int64))
+                if not feats["label"]:
+                    continue
+                arrays = {k: np.concatenate(v) for k, v in feats.items()}
+                names = list(label_names)
+                summary[split] = same_label_distances(arrays["image_p"], arrays["text_p"], arrays["label"], names)
+                if split == "test" and len(arrays["label"]) >= 3:
+                    png = tsne_png(arrays["fused"], arrays["label"], names, f"SPP-SCL fusion features ({split})", seed=cfg.seed)
+                    storage.write_bytes_atomic(storage.join(run_uri, "diagnostics", f"tsne_{split}.png"), png, **storage_kw)
+            storage.write_text_atomic(storage.join(run_uri, "diagnostics", "distances.json"),
+                                      json.dumps(summary, indent=2), **storage_kw)
+        finally:
+            model.train(was_training)
+        return {"distances": summary, "tsne": storage.join(run_uri, "diagnostics", "tsne_test.png")}
 
     def find_unused_parameters(self, cfg) -> bool:
         # Step 2 (L_clm) and the embeddings-only re-forward leave CMF and the classifier without gradient.
@@ -203,4 +240,4 @@ class SppSclMethod(Method):
         s = cfg.sppscl
         return {"image_encoder": s.image_encoder, "text_encoder": s.text_encoder, "image_size": s.image_size,
                 "max_length": s.max_length, "feature_cache": s.use_feature_cache, "compat": s.compat,
-                "variant": s.variant, "fusion": s.fusion, "cache": self.cache_info}
+                "variant": s.variant, "fusion": s.fusion}
