@@ -121,6 +121,15 @@ def _mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -
     return {k: float(v) / total for k, v in zip(keys, packed[:-1].tolist())}
 
 
+def _append_history(run_uri: str, metrics: dict[str, Any], storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """``<run>/history.json``: every epoch's reported metrics (a resumed run drops epochs it redoes)."""
+    uri = storage.join(run_uri, "history.json")
+    history = storage.read_json(uri, **storage_kw) if storage.exists(uri, **storage_kw) else []
+    history = [h for h in history if h.get("epoch", -1) < metrics["epoch"]] + [metrics]
+    storage.write_json_atomic(uri, history, **storage_kw)
+    return history
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.data
     import ray.train
@@ -223,6 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tb.scalars({f"lr/{k[3:]}": v for k, v in metrics.items() if k.startswith("lr_")}, epoch)
                 tb.scalars({"train/samples_per_s": metrics["train_samples_per_s"]}, epoch)
                 tb.flush()
+                _append_history(run_uri, metrics, storage_kw)
             ray.train.report(metrics, checkpoint=ckpt)
 
     if rank == 0:

@@ -8,6 +8,7 @@ checkpoints and our files sit together::
     <out>/checkpoint_*/              Ray Train checkpoints (latest + best kept)
     <out>/best/model.pt, state.json  best model by the dev metric
     <out>/metrics.json               dev + test metrics of the best model, majority baseline
+    <out>/history.json               every epoch's reported metrics (loss terms, dev metrics, LRs, samples/s)
     <out>/predictions/{dev,test}.parquet
     <out>/tensorboard/               scalars (loss terms, metrics, learning rates)
 
