@@ -1,0 +1,272 @@
+"""Real Ray nodes for tests: `ray start --block` subprocesses on free ports, stopped by PID.
+
+A test that needs a cluster of its own (the Jobs API test, the multi-node fault-tolerance tests)
+starts a head and optionally worker nodes on this machine with :func:`start_head` and
+:func:`start_worker`. Each node is one ``ray start ... --block`` process in its own session; the
+node's Ray processes (GCS, raylet, dashboard, agents, workers) are its descendants, so
+:meth:`RayNode.kill` SIGKILLs exactly that process tree — a node failure as the rest of the cluster
+sees it — and never touches another cluster on the machine. Nothing here runs ``ray stop``.
+
+Isolation from other clusters on the machine:
+- every port is chosen free (GCS, dashboard, dashboard agent, metrics, runtime-env agent, object
+  manager, node manager), so parallel test sessions don't collide;
+- each cluster has a private short ``--temp-dir`` (Unix socket paths must stay under ~107 bytes),
+  so its address file is not ``/tmp/ray/ray_current_cluster`` and a stale one there is never joined:
+  drivers are always given the address explicitly (``RAY_ADDRESS`` / ``ray.address=``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+NODE_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # Detect a dead node within seconds instead of Ray's default ~30 s (tests kill nodes).
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_initial_delay_ms": "1000",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc), parents first."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(_children(current))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class RayNode:
+    """One Ray node: the ``ray start --block`` process and the processes it started."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    resources: dict[str, float] = field(default_factory=dict)
+    node_ip: str = "127.0.0.1"
+
+    def pids(self) -> list[int]:
+        return [p for p in process_tree(self.proc.pid) if _alive(p)]
+
+    def describe(self) -> list[str]:
+        """``pid command`` of each live process of this node (what a kill would take down)."""
+        return [f"{p} {_cmdline(p)[:120]}" for p in self.pids()]
+
+    def kill(self) -> list[int]:
+        """SIGKILL the whole node (raylet, agents, its workers) at once; returns the PIDs killed.
+
+        The tree is collected before anything dies: once the raylet is gone its workers would be
+        re-parented and no longer reachable through it.
+        """
+        victims = self.pids()
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(p) for p in victims):
+            time.sleep(0.2)
+        return victims
+
+    def stop(self) -> None:
+        """Graceful-then-forced stop of this node's processes (fixture teardown)."""
+        if self.proc.poll() is None:
+            victims = self.pids()
+            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its children on SIGTERM
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in victims:
+                if _alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        else:
+            self.kill()
+
+
+@dataclass
+class RayCluster:
+    """A head (with dashboard) plus any worker nodes, all on this machine."""
+
+    head: RayNode
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: Path
+    workers: list[RayNode] = field(default_factory=list)
+
+    def get(self, path: str, timeout: float = 10):
+        with urllib.request.urlopen(self.dashboard_url + path, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def alive_nodes(self) -> list[dict]:
+        """Nodes the GCS reports ALIVE (dashboard state API)."""
+        data = self.get("/api/v0/nodes?limit=1000&detail=false")
+        return [n for n in data["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> list[dict]:
+        deadline = time.time() + timeout
+        last: Exception | None = None
+        while time.time() < deadline:
+            try:
+                nodes = self.alive_nodes()
+                if len(nodes) == count:
+                    return nodes
+            except Exception as exc:  # dashboard still starting
+                last = exc
+            time.sleep(1)
+        raise TimeoutError(f"cluster did not reach {count} alive nodes in {timeout:.0f}s (last error: {last})")
+
+    def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None, name: str | None = None) -> RayNode:
+        node = start_worker(self, num_cpus=num_cpus, resources=resources, name=name or f"worker{len(self.workers) + 1}")
+        self.workers.append(node)
+        return node
+
+    def shutdown(self) -> None:
+        for node in [*self.workers, self.head]:
+            node.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _node_ports() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+def _popen(args: list[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen:
+    full_env = {**os.environ, **NODE_ENV, **(env or {})}
+    # A stale RAY_ADDRESS in the test's environment must not turn a head into a worker of another cluster.
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+    )
+
+
+def start_head(
+    num_cpus: int = 2,
+    resources: dict[str, float] | None = None,
+    *,
+    object_store_mb: int = 200,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+) -> RayCluster:
+    """``ray start --head --block`` on free ports with the dashboard; returns once the dashboard answers."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="umaf-ray-", dir="/tmp"))
+    port, dash_port = free_port(), free_port()
+    args = [
+        RAY_BIN, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats", *_node_ports(),
+    ]
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    log_path = temp_dir / "head.log"
+    proc = _popen(args, log_path, env)
+    node = RayNode("head", proc, log_path, resources or {})
+    cluster = RayCluster(head=node, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
+                         temp_dir=temp_dir)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            cluster.get("/api/version", timeout=2)
+            cluster.wait_for_nodes(1, timeout=max(1.0, deadline - time.time()))
+            return cluster
+        except Exception:
+            time.sleep(1)
+    cluster.shutdown()
+    raise TimeoutError(f"Ray head did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
+
+
+def start_worker(
+    cluster: RayCluster,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    *,
+    name: str = "worker",
+    object_store_mb: int = 150,
+    env: dict[str, str] | None = None,
+) -> RayNode:
+    """``ray start --address=<head> --block`` as another node on this machine (not yet waited for)."""
+    args = [
+        RAY_BIN, "start", "--block", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_mb * 1024 * 1024}",
+        "--disable-usage-stats", *_node_ports(),
+    ]
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    log_path = cluster.temp_dir / f"{name}.log"
+    return RayNode(name, _popen(args, log_path, env), log_path, resources or {})
+
+
+def job_runtime_env_vars() -> dict[str, str]:
+    """Environment a job driver on a test cluster needs (offline hubs, no auth, same AWS settings)."""
+    keep = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+    return {**{k: v for k, v in NODE_ENV.items() if not k.startswith("RAY_health")},
+            **{k: os.environ[k] for k in keep if os.environ.get(k)}}
