@@ -17,6 +17,7 @@ Rerunning with the same ``out`` resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from typing import Any
@@ -29,6 +30,8 @@ from umaf.data.manifest import label_column, read_manifest
 from umaf.train.config import TrainConfig
 from umaf.train.method import get_method
 from umaf.train.metrics import majority_baseline
+
+logger = logging.getLogger(__name__)
 
 # The driver's AWS settings follow the job to its Ray processes (Train controller and workers write
 # checkpoints to s3://), as `ray job submit --runtime-env-json` would pass them.
@@ -189,6 +192,10 @@ def _run(cfg: TrainConfig, callbacks: list | None) -> dict[str, Any]:
     storage.write_text_atomic(storage.join(cfg.out, "config.yaml"), dump_yaml(cfg), **kw)
     data = prepare_datasets(cfg)
     storage.write_json_atomic(storage.join(cfg.out, "data_report.json"), data["report"], **kw)
+    for split, counts in data["report"].get("splits", {}).items():
+        if counts.get("without_caption"):
+            logger.warning("%s: %d of %d pairs have no ok caption (policy missing_caption=%s)", split,
+                           counts["without_caption"], counts["pairs"], cfg.missing_caption)
     trainer = build_trainer(cfg, data, callbacks)
     trainer.fit()
     return storage.read_json(storage.join(cfg.out, "metrics.json"), **kw)
