@@ -1,0 +1,59 @@
+"""Sweep UMAF's K, lambda, tau or SPP-SCL's lambda, tau, alpha (or any training key) with Ray Tune.
+
+    python jobs/tune.py                                   # demo dataset, 4 UMAF trials, local Ray
+    python jobs/tune.py --preset tiny-sppscl              # 4 SPP-SCL trials over alpha x tau
+    python jobs/tune.py --model umaf --manifest URI --captions URI --task sentiment --out s3://b/sweeps \\
+        --preset paper-msed-sentiment resources.gpus_per_worker=0.25
+    python jobs/tune.py --out runs/tune --resume          # continue a sweep whose driver died
+
+Each trial is a whole jobs/train.py run (Ray Train inside Tune); ASHA stops bad trials on the dev
+metric. Results: <out>/<name>/results.{parquet,csv,md}, best_config.yaml, dev_metric_vs_params.png.
+`--help` lists every config key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from umaf.cli import Flag, parse_job_args  # noqa: E402
+from umaf.config import ConfigError  # noqa: E402
+from umaf.tune.config import TuneConfig  # noqa: E402
+
+FLAGS = [
+    Flag("--model", "model", "method to sweep", choices=("umaf", "sppscl")),
+    Flag("--manifest", "manifest", "manifest URI (default: the demo dataset)"),
+    Flag("--captions", "captions", "captions URI (UMAF)"),
+    Flag("--task", "task", "label task (column label_<task>)"),
+    Flag("--out", "out", "sweeps folder: local path or s3://bucket/prefix"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in argv
+    if resume:
+        argv.remove("--resume")
+    args = parse_job_args("tune", TuneConfig, argv, description=__doc__ + "\n--resume: restore the sweep at <out>/<name> (Tuner.restore)", flags=FLAGS)
+    cfg = args.config
+    try:
+        cfg.base_train_config()  # every train.* key and swept key checked before any work
+    except ConfigError as exc:
+        print(f"jobs/tune.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from umaf.tune.sweep import run_sweep
+
+    result = run_sweep(cfg, resume=resume)
+    print(result["summary"])
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "summary")}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
