@@ -122,3 +122,18 @@ def ray_cluster():
     finally:
         ray.shutdown()
         del ctx
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ``model_cache_dir`` holding the tiny random-weight VLM, built once per test session.
+
+    Jobs build it on first use, but under load that takes minutes inside an actor's constructor;
+    tests that submit caption jobs pass ``model_cache_dir=<this>`` so every job loads it ready-made.
+    """
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    cache = tmp_path_factory.mktemp("tiny-vlm")
+    ensure_tiny_vlm(cache)
+    return str(cache)
+

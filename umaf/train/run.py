@@ -17,6 +17,7 @@ Rerunning with the same ``out`` resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -43,7 +44,12 @@ PROPAGATED_ENV = (
 
 
 def job_env_vars() -> dict[str, str]:
-    return {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}
+    """The driver's settings for its Ray processes, less those a submitted job's runtime env already
+    sets: under ``ray job submit`` those reach every process anyway, and ``ray.init`` refuses a
+    runtime env that names the same environment variable as the job's ("Failed to merge")."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {} if job_config else {}
+    return {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k) and k not in job_env}
 
 
 def ensure_ray(cfg: TrainConfig) -> bool:
