@@ -137,3 +137,15 @@ def tiny_vlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     ensure_tiny_vlm(cache)
     return str(cache)
 
+
+def job_main(name: str):
+    """``main`` of ``jobs/<name>.py``, loaded by path (jobs/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    module_name = f"umaf_job_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name].main
