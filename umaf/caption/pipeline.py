@@ -43,6 +43,17 @@ LOADED_SCHEMA = pa.schema([
 ])
 STATUSES = (STATUS_OK, STATUS_INVALID, STATUS_ERROR)
 
+# Storage settings of the driver that the Ray processes reading and writing data must share, as
+# `ray job submit --runtime-env-json` would pass them (the same list the train job forwards). On a
+# cluster whose nodes hold their own credentials (instance role, IRSA) none of these need be set.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def storage_runtime_env() -> dict[str, Any] | None:
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
 
 def absolutize(config: CaptionConfig) -> CaptionConfig:
     """Make local paths absolute on the driver: actors run in other working directories."""
@@ -283,14 +294,15 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
     if len(todo):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = True
+        io_args = {"runtime_env": env} if (env := storage_runtime_env()) else {}
         mfs, mpath = storage.resolve(manifest_uri, **config.storage_kw)
-        ds = ray.data.read_parquet(mpath, filesystem=mfs, columns=["id", "text", "image"])
+        ds = ray.data.read_parquet(mpath, filesystem=mfs, ray_remote_args=io_args).select_columns(["id", "text", "image"])
         ds = ds.map_batches(keep_ids, fn_kwargs={"ids_ref_box": [ray.put(todo)]}, batch_format="pyarrow")
         # The image stage asks for a different CPU share than the VLM actors on purpose: Ray Data
         # then keeps it a separate stage of plain tasks instead of fusing it into the actors, so
         # decoding and resizing run on spare CPUs while the (GPU) actors only generate.
         loaded = ds.map_batches(
-            load_images_batch, batch_format="pyarrow", batch_size=config.images.batch_size, num_cpus=0.5,
+            load_images_batch, batch_format="pyarrow", batch_size=config.images.batch_size, num_cpus=0.5, **io_args,
             fn_kwargs={"manifest_uri": manifest_uri, "images": config.images.model_dump(),
                        "storage_kw": config.storage_kw},
         )
@@ -306,7 +318,8 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
         ofs, opath = storage.resolve(config.out, **config.storage_kw)
         ofs.create_dir(opath, recursive=True)
         log.info("%s stage=write] writing captions to %s", tag, config.out)
-        captions.write_parquet(opath, filesystem=ofs, min_rows_per_file=config.output.rows_per_file)
+        captions.write_parquet(opath, filesystem=ofs, min_rows_per_file=config.output.rows_per_file,
+                               ray_remote_args=io_args)
 
     after = read_statuses(config.out, **config.storage_kw)
     new_rows = after.num_rows - before.num_rows

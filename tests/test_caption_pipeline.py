@@ -1,0 +1,156 @@
+"""Integration: the caption job on a real local Ray cluster, a real S3 server and the real MSED files.
+
+The tiny random-weight LLaVA (built once per session, loaded back with ``from_pretrained``) captions
+through the same Ray Data pipeline as production; grammar-bounded fields keep every answer
+schema-valid within a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from umaf import storage
+from umaf.caption.prompt import PROMPT_VERSION
+from umaf.caption.store import read_captions, read_ok_captions
+from umaf.data.demo import write_demo
+from umaf.data.manifest import build_table, read_manifest, write_manifest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]  # generous: a loaded 2-core box starts actors slowly
+
+
+def load_caption_job():
+    spec = importlib.util.spec_from_file_location("jobs_caption", REPO_ROOT / "jobs" / "caption.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_cache(tmp_path_factory) -> str:
+    """One tiny VLM for the session (the job would build it on first use; building here keeps tests fast)."""
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    cache = tmp_path_factory.mktemp("models")
+    ensure_tiny_vlm(cache)
+    return str(cache)
+
+
+def caption(argv: list[str], tiny_vlm_cache: str) -> dict:
+    return load_caption_job().main([*argv, f"model_cache_dir={tiny_vlm_cache}"])
+
+
+def msed_dev_manifest(shared_data: Path, uri: str, first: int, last: int) -> list[str]:
+    """MSED dev rows ``first..last`` (1-based) as a manifest: row k pairs with images/k.jpg, only 1..60 exist here."""
+    folder = shared_data / "msed" / "dev"
+    with open(folder / "dev.csv", newline="", encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))[first - 1:last]
+    labels = {"sentiment": ["negative", "neutral", "positive"]}
+    rows = [
+        {"id": f"msed-dev-{k}", "split": "dev", "text": rec["Caption"], "image": str(folder / "images" / f"{k}.jpg"),
+         "image_ok": (folder / "images" / f"{k}.jpg").is_file(),
+         "label_sentiment": labels["sentiment"].index(rec["Sentiment"])}
+        for k, rec in enumerate(records, start=first)
+    ]
+    write_manifest(build_table(rows, "msed", labels), uri)
+    return [r["id"] for r in rows]
+
+
+def parquet_files(uri: str) -> list[str]:
+    fs, path = storage.resolve(uri)
+    from pyarrow.fs import FileSelector
+
+    return sorted(i.path for i in fs.get_file_info(FileSelector(path, allow_not_found=True))
+                  if i.path.endswith(".parquet"))
+
+
+def assert_each_id_once(out: str, expected_ids: list[str]) -> None:
+    table = read_captions(out)
+    ids = table["id"].to_pylist()
+    assert sorted(ids) == sorted(expected_ids), "every input id exactly once"
+
+
+def test_demo_set_local_folder_then_second_run_does_no_work(ray_cluster, tmp_path, tiny_vlm_cache):
+    demo = write_demo(str(tmp_path / "demo"), n_train=10, n_dev=4, n_test=4)
+    ids = read_manifest(demo["manifest"]).table["id"].to_pylist()
+    out = str(tmp_path / "captions")
+
+    summary = caption(["--manifest", demo["manifest"], "--out", out], tiny_vlm_cache)
+    assert summary["this_run"] == {"ok": len(ids), "invalid": 0, "error": 0}
+    assert_each_id_once(out, ids)
+    table = read_captions(out)
+    assert set(table["status"].to_pylist()) == {"ok"}
+    assert set(table["prompt_version"].to_pylist()) == {PROMPT_VERSION}
+    assert all(n and n > 0 for n in table["output_tokens"].to_pylist())
+    assert all(len(h) == 64 for h in table["image_sha256"].to_pylist())
+    assert storage.read_json(storage.join(out, "_summary.json"))["dataset_status"]["ok"] == len(ids)
+
+    files = parquet_files(out)
+    again = caption(["--manifest", demo["manifest"], "--out", out], tiny_vlm_cache)
+    assert again["skipped"] == len(ids) and again["captioned"] == 0
+    assert parquet_files(out) == files, "a second run must write nothing"
+
+
+def test_msed_rows_with_missing_images_to_s3_and_retry_failed(ray_cluster, s3_bucket, shared_data, tiny_vlm_cache):
+    manifest = f"{s3_bucket}/msed/manifest"
+    ids = msed_dev_manifest(shared_data, manifest, first=49, last=72)  # images 49..60 exist, 61..72 do not
+    out = f"{s3_bucket}/msed/captions"
+
+    summary = caption(["--manifest", manifest, "--out", out, "actors.batch_size=12"], tiny_vlm_cache)
+    assert summary["dataset"] == "msed"
+    assert summary["this_run"]["error"] == 12 and summary["this_run"]["ok"] + summary["this_run"]["invalid"] == 12
+    assert_each_id_once(out, ids)
+    table = read_captions(out)
+    errors = table.filter(pc.equal(table["status"], "error"))
+    assert sorted(errors["id"].to_pylist()) == sorted(f"msed-dev-{k}" for k in range(61, 73))
+    assert all(e.startswith("image not found:") and e.endswith(".jpg") for e in errors["error"].to_pylist())
+    assert len(read_ok_captions(out)) == summary["this_run"]["ok"]
+
+    # --retry-failed redoes only the failed ids (still missing: still errors); ok rows are left alone.
+    retry = caption(["--manifest", manifest, "--out", out, "--retry-failed"], tiny_vlm_cache)
+    assert retry["selected"] - retry["skipped"] == 12 and retry["this_run"] == {"ok": 0, "invalid": 0, "error": 12}
+    assert retry["dataset_status"]["error"] == 12
+    assert len(read_ok_captions(out)) == summary["this_run"]["ok"]
+
+
+def test_killed_run_restarts_without_losing_or_duplicating(ray_cluster, tmp_path, tiny_vlm_cache):
+    demo = write_demo(str(tmp_path / "demo"), n_train=48, n_dev=0, n_test=0)
+    ids = read_manifest(demo["manifest"]).table["id"].to_pylist()
+    out = str(tmp_path / "captions")
+    # Small files and longer answers: several files land while the rest is still being generated.
+    argv = ["--manifest", demo["manifest"], "--out", out, "output.rows_per_file=4", "actors.batch_size=4",
+            "images.batch_size=4", "max_field_chars=48", "sampling.max_tokens=160"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "jobs" / "caption.py"), *argv, f"model_cache_dir={tiny_vlm_cache}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 180
+        while not parquet_files(out) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert driver.poll() is None, "the driver finished before it could be killed: make the run longer"
+        assert parquet_files(out), "no caption file was written within 180 s"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    partial = read_captions(out)["id"].to_pylist()
+    assert 0 < len(partial) < len(ids)
+
+    summary = caption(argv, tiny_vlm_cache)
+    assert summary["skipped"] >= len(set(partial)), "finished captions from the killed run are kept"
+    final = read_ok_captions(out)
+    assert sorted(final["id"].to_pylist()) == sorted(ids)  # same set of ids, one row each
+    all_ids = read_captions(out)["id"].to_pylist()
+    assert sorted(set(all_ids)) == sorted(ids)
