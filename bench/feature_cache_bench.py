@@ -1,8 +1,13 @@
 """Frozen-feature cache for SPP-SCL: epoch time and storage with and without it, side by side.
 
     python bench/feature_cache_bench.py                       # tiny random encoders, demo data, CPU
+    python bench/feature_cache_bench.py --paper-size --rows 64   # ResNet-50 + BERT-base shapes, random weights
     python bench/feature_cache_bench.py --image-encoder microsoft/resnet-50 --text-encoder bert-base-uncased \\
         --image-size 224 --max-length 200 --device cuda       # the paper's encoders (needs the hub or a local copy)
+
+``--paper-size`` builds random-weight models from the default ``ResNetConfig`` (ResNet-50) and
+``BertConfig`` (BERT-base) offline: the same architecture and FLOPs as the paper's checkpoints, so
+the timings and sizes are theirs, without a download.
 
 Same rows, same model head, same two-step update (``umaf.train.sppscl_method.two_step_update``),
 single process, so the difference is exactly the frozen encoders' forward passes:
@@ -47,6 +52,23 @@ def _epoch(model, batches, method, cfg, device) -> float:
     return time.perf_counter() - started
 
 
+def _paper_size_encoders(folder: str) -> tuple[str, str]:
+    """Random-weight ResNet-50 and BERT-base (default configs), saved like hub checkpoints."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, ConvNextImageProcessorPil, ResNetConfig, ResNetModel
+
+    from umaf.models.encoders import minilm_path
+
+    torch.manual_seed(0)
+    image, text = os.path.join(folder, "resnet-50"), os.path.join(folder, "bert-base")
+    ResNetModel(ResNetConfig()).save_pretrained(image)
+    ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=224 / 256).save_pretrained(image)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size), add_pooling_layer=False).save_pretrained(text)
+    tokenizer.save_pretrained(text)
+    return image, text
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-encoder", default="tiny-random-resnet")
@@ -58,7 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paper-size", action="store_true", help="random ResNet-50 + BERT-base, 224 px, 200 tokens")
     args = parser.parse_args(argv)
+    if args.paper_size:
+        args.image_encoder, args.text_encoder = _paper_size_encoders(tempfile.mkdtemp(prefix="umaf-paper-size-"))
+        args.image_size, args.max_length = 224, 200
 
     import numpy as np
     import ray

@@ -133,3 +133,17 @@ def test_variants_take_the_documented_steps(raw_batch, variant: str) -> None:
     assert ctx.global_step == expected_steps
     assert (terms["l_cli"] == 0.0) == (variant == "no_intra")
     assert (terms["l_clm"] == 0.0) == (variant == "no_inter")
+
+
+def test_checkpoint_holds_only_what_trains_and_moves_between_cached_and_uncached() -> None:
+    torch.manual_seed(0)
+    full = SppSclModel(SppSclConfig(**TINY), num_classes=3)
+    state = full.state_dict()
+    assert state and all(k.startswith("head.") for k in state)  # no frozen encoder weights saved
+    head_only = SppSclModel(SppSclConfig(**TINY), num_classes=3, with_encoders=False)
+    head_only.load_state_dict(state)  # strict: every head key matches
+    assert all(torch.equal(v, head_only.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="missing"):
+        head_only.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.fc.")})
+    tuned = SppSclModel(SppSclConfig(**TINY, finetune_text=True), num_classes=3)
+    assert any(k.startswith("text_encoder.") for k in tuned.state_dict())  # fine-tuned layers are kept

@@ -131,7 +131,7 @@ class HierarchicalTextHead(nn.Module):
         weights = self.layer_weights(states[:, :, 0, :].mean(dim=-1))  # [B, L]
         if self.compat == "official":
             tokens, mask = states[:, :, 1:-1, :], torch.ones_like(attention_mask[:, 1:-1])
-        else:
+        else:  # every real token after [CLS] ([CLS] itself served for the layer weights), [SEP] included
             tokens, mask = states[:, :, 1:, :], attention_mask[:, 1:]
         fused = (weights[:, :, None, None] * tokens).sum(dim=1)  # U(·): sum over layers → [B, N', H]
         if self.compat == "official":
@@ -302,6 +302,31 @@ class SppSclModel(nn.Module):
                 input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
             image_map, text_states = self.encode(pixel_values, input_ids, attention_mask)
         return self.head(image_map, text_states, attention_mask, embeddings_only=embeddings_only)
+
+    # Checkpoints hold what trains. Frozen encoders are reloaded from their names, so saving them
+    # every epoch (BERT-base + ResNet-50: ~135M parameters, ~540 MB) would only cost time and
+    # storage; it also makes a checkpoint load into a head-only model (cached features) and back.
+    def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        prefixes = [prefix + "image_encoder."]
+        if not self.config.finetune_text:
+            prefixes.append(prefix + "text_encoder.")
+        return tuple(prefixes)
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        frozen = self._frozen_prefixes(kwargs.get("prefix", ""))
+        for key in [k for k in state if k.startswith(frozen)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        frozen = self._frozen_prefixes()
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(frozen)}
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(frozen)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"SppSclModel checkpoint does not match: missing {missing}, unexpected {result.unexpected_keys}")
+        return result
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
