@@ -48,7 +48,7 @@ def test_tiny_preset_trains_locally_and_beats_majority_baseline(ray_cluster, dem
     import train as train_job
 
     out = tmp_path / "run"
-    metrics = train_job.main(["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=5"])
+    metrics = train_job.main(["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=4"])
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -69,7 +69,7 @@ def test_tiny_preset_trains_locally_and_beats_majority_baseline(ray_cluster, dem
     checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())
     assert 1 <= len(checkpoints) <= 2  # checkpoints_to_keep=2: best and latest
     state = json.loads((checkpoints[-1] / "state.json").read_text())
-    assert state["next_epoch"] == 5 and (checkpoints[-1] / "optimizer.pt").is_file()
+    assert state["next_epoch"] == 4 and (checkpoints[-1] / "optimizer.pt").is_file()
 
 
 def _latest_checkpoint_state(run_uri: str) -> dict | None:
