@@ -54,7 +54,7 @@ def load_job(stage: str):
     return module
 
 
-def connect_ray(cfg: PipelineConfig) -> bool:
+def connect_ray(cfg: PipelineConfig, tune_cfg=None) -> bool:
     """One Ray connection for every stage (the jobs reuse an initialised Ray). True if started here."""
     import ray
 
@@ -63,7 +63,14 @@ def connect_ray(cfg: PipelineConfig) -> bool:
     if ray.is_initialized():
         return False
     # AWS / offline settings follow the stages to their Ray workers, as each job would pass them.
-    kwargs = {"runtime_env": {"env_vars": job_env_vars()}, "log_to_driver": True}
+    env = job_env_vars()
+    if tune_cfg is not None:
+        # What jobs/tune.py would set at its own ray.init: Train controllers inside trials read it.
+        from umaf.tune.sweep import WORKER_START_TIMEOUT_ENV
+
+        env[WORKER_START_TIMEOUT_ENV] = os.environ.setdefault(
+            WORKER_START_TIMEOUT_ENV, str(int(tune_cfg.worker_start_timeout_s)))
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -84,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     import ray
 
-    started = connect_ray(cfg)
+    started = connect_ray(cfg, plans["tune"][1] if "tune" in plans else None)
     summary: dict = {"out": cfg.out, "stages": {}}
     try:
         for stage in cfg.stages:

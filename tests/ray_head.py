@@ -42,6 +42,9 @@ NODE_ENV = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
     "RAY_health_check_initial_delay_ms": "1000",
+    # A raylet waits for its dashboard agent's ports and aborts the node when they come late; on a
+    # loaded 2-core machine the agent's imports alone can exceed the default wait.
+    "RAY_agent_register_timeout_ms": "180000",
 }
 
 
@@ -93,7 +96,7 @@ class RayNode:
     proc: subprocess.Popen
     log_path: Path
     resources: dict[str, float] = field(default_factory=dict)
-    node_ip: str = "127.0.0.1"
+    num_cpus: int = 0
 
     def pids(self) -> list[int]:
         return [p for p in process_tree(self.proc.pid) if _alive(p)]
@@ -161,10 +164,18 @@ class RayCluster:
         data = self.get("/api/v0/nodes?limit=1000&detail=false")
         return [n for n in data["data"]["result"]["result"] if n.get("state") == "ALIVE"]
 
-    def wait_for_nodes(self, count: int, timeout: float = 120) -> list[dict]:
+    def wait_for_nodes(self, count: int, timeout: float = 180) -> list[dict]:
+        """Wait until ``count`` nodes are ALIVE; a worker whose ``ray start`` died while starting (on an
+        overloaded machine the raylet gives up when its agent is slow to start) is started again."""
         deadline = time.time() + timeout
         last: Exception | None = None
+        restarts = 0
         while time.time() < deadline:
+            for i, node in enumerate(self.workers):
+                if node.proc.poll() is not None and restarts < 2 * len(self.workers):
+                    restarts += 1
+                    node.kill()
+                    self.workers[i] = start_worker(self, num_cpus=node.num_cpus, resources=node.resources, name=node.name)
             try:
                 nodes = self.alive_nodes()
                 if len(nodes) == count:
@@ -212,8 +223,24 @@ def start_head(
     object_store_mb: int = 200,
     env: dict[str, str] | None = None,
     timeout: float = 180,
+    attempts: int = 3,
 ) -> RayCluster:
-    """``ray start --head --block`` on free ports with the dashboard; returns once the dashboard answers."""
+    """``ray start --head --block`` on free ports with the dashboard; returns once the dashboard answers.
+
+    On a heavily loaded machine a raylet can give up waiting for its (slow to import) dashboard
+    agent and the head exits; it is then started again from scratch, up to ``attempts`` times.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_head_once(num_cpus, resources, object_store_mb, env, timeout)
+        except RuntimeError as exc:
+            if attempt == attempts:
+                raise
+            print(f"[ray_head] head failed to start (attempt {attempt}/{attempts}), retrying: {str(exc)[-300:]}")
+    raise AssertionError("unreachable")
+
+
+def _start_head_once(num_cpus, resources, object_store_mb, env, timeout) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="umaf-ray-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
     args = [
@@ -227,19 +254,21 @@ def start_head(
         args.append(f"--resources={json.dumps(resources)}")
     log_path = temp_dir / "head.log"
     proc = _popen(args, log_path, env)
-    node = RayNode("head", proc, log_path, resources or {})
+    node = RayNode("head", proc, log_path, resources or {}, num_cpus)
     cluster = RayCluster(head=node, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
                          temp_dir=temp_dir)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            message = f"ray start --head exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            cluster.shutdown()
+            raise RuntimeError(message)
         try:
-            cluster.get("/api/version", timeout=2)
-            cluster.wait_for_nodes(1, timeout=max(1.0, deadline - time.time()))
-            return cluster
-        except Exception:
-            time.sleep(1)
+            if len(cluster.alive_nodes()) == 1:
+                return cluster
+        except Exception:  # dashboard not answering yet
+            pass
+        time.sleep(1)
     cluster.shutdown()
     raise TimeoutError(f"Ray head did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
 
@@ -257,12 +286,13 @@ def start_worker(
     args = [
         RAY_BIN, "start", "--block", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_mb * 1024 * 1024}",
-        "--disable-usage-stats", *_node_ports(),
+        "--disable-usage-stats", "--include-log-monitor=false",  # one log monitor per machine: the head's
+        *_node_ports(),
     ]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
     log_path = cluster.temp_dir / f"{name}.log"
-    return RayNode(name, _popen(args, log_path, env), log_path, resources or {})
+    return RayNode(name, _popen(args, log_path, env), log_path, resources or {}, num_cpus)
 
 
 def job_runtime_env_vars() -> dict[str, str]:

@@ -1,0 +1,179 @@
+"""Fault tolerance on a multi-node Ray cluster on one machine: a worker node dies mid-job.
+
+The cluster (``ray start`` nodes, stopped by PID): a head with no CPUs — it hosts the drivers and
+the GCS but no task or actor needing a CPU, so all the work runs on worker nodes — and worker nodes
+with 2 CPUs each, every one tagged with a custom resource ``node_<name>`` so the test can tell which
+of its processes hosts a given actor. A node is killed by SIGKILL of its whole process tree (raylet,
+agents, workers), which the GCS sees as a node failure within seconds (short health checks).
+
+(a) Captioning: the node running the VLM actor is killed after the first caption files appear; Ray
+    Data restarts the actor elsewhere and retries lost work; the job ends with every manifest id
+    captioned exactly once.
+(b) Training: the node running a Ray Train worker is killed after the first checkpoint; Train's
+    ``FailureConfig(max_failures=1)`` restarts the worker group from the last checkpoint on the
+    nodes left, and the run reaches its last epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_head import RayCluster, RayNode, job_runtime_env_vars, start_head
+from umaf import storage
+from umaf.caption.store import read_captions, read_ok_captions
+from umaf.data.demo import write_demo
+from umaf.data.manifest import read_manifest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs) + two worker nodes (2 CPUs each); more nodes are added by the tests as needed."""
+    head = start_head(num_cpus=0)
+    try:
+        for _ in range(2):
+            add_worker(head)
+        head.wait_for_nodes(3)
+        yield head
+    finally:
+        head.shutdown()
+
+
+_WORKER_NUMBERS = itertools.count(1)
+
+
+def add_worker(cluster: RayCluster) -> RayNode:
+    name = f"w{next(_WORKER_NUMBERS)}"
+    return cluster.add_worker(num_cpus=2, resources={f"node_{name}": 1}, name=name)
+
+
+def node_of_actor(cluster: RayCluster, class_marker: str) -> RayNode | None:
+    """The worker node (ours) hosting an ALIVE actor whose class name contains ``class_marker``."""
+    actors = cluster.get("/api/v0/actors?limit=10000&detail=true")["data"]["result"]["result"]
+    node_ids = {a["node_id"] for a in actors if class_marker in (a.get("class_name") or "") and a["state"] == "ALIVE"}
+    for node in cluster.alive_nodes():
+        if node["node_id"] in node_ids:
+            tags = [k for k in node["resources_total"] if k.startswith("node_w")]
+            for worker in cluster.workers:
+                if tags and tags[0] == f"node_{worker.name}":
+                    return worker
+    return None
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}: make the run longer")
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def run_driver(job: str, args: list[str], cluster: RayCluster, log_path: Path, extra_env: dict[str, str]) -> subprocess.Popen:
+    """``python jobs/<job>.py ... ray.address=<cluster>``: a driver on the head, as ``ray job submit`` would run it."""
+    env = {**os.environ, **job_runtime_env_vars(), **extra_env}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "jobs" / f"{job}.py"), *args, f"ray.address={cluster.gcs_address}"],
+        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=str(log_path.parent),
+    )
+
+
+def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert proc.returncode == 0, f"job failed (exit {proc.returncode}) after the node kill:\n{log[-8000:]}"
+    return log
+
+
+def kill_node(cluster: RayCluster, node: RayNode, what: str) -> None:
+    print(f"[fault] killing node {node.name} ({what}); its processes:\n  " + "\n  ".join(node.describe()))
+    killed = node.kill()
+    assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ", 1)[1][0] != "Z"
+                   for p in killed), "node processes survived SIGKILL"
+    cluster.workers.remove(node)
+    wait_for(lambda: len(cluster.alive_nodes()) == 1 + len(cluster.workers), 60, "the GCS to mark the node dead")
+    survivors = [w.name for w in cluster.workers]
+    print(f"[fault] node {node.name} dead ({len(killed)} processes killed); alive: head + {survivors}")
+
+
+def test_caption_job_survives_losing_the_vlm_actors_node(cluster, tmp_path, tiny_vlm_cache):
+    demo = write_demo(str(tmp_path / "demo"), n_train=48, n_dev=0, n_test=0)
+    ids = read_manifest(demo["manifest"]).table["id"].to_pylist()
+    out = str(tmp_path / "captions")
+    # Small files and longer answers: files land early while most rows are still being generated.
+    args = ["--manifest", demo["manifest"], "--out", out, f"model_cache_dir={tiny_vlm_cache}", "output.rows_per_file=4",
+            "actors.batch_size=4", "images.batch_size=4", "max_field_chars=48", "sampling.max_tokens=160"]
+    log_path = tmp_path / "caption.log"
+    driver = run_driver("caption", args, cluster, log_path, {})
+
+    def caption_files():
+        fs, path = storage.resolve(out)
+        from pyarrow.fs import FileSelector
+
+        return [i.path for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.path.endswith(".parquet")]
+
+    wait_for(caption_files, 300, "the first caption files", driver)
+    victim = wait_for(lambda: node_of_actor(cluster, "MapWorker"), 30, "the VLM actor's node", driver)
+    done_before = len(read_captions(out))
+    assert done_before < len(ids), "the job finished before the kill"
+    kill_node(cluster, victim, f"hosts the VLM actor; {done_before}/{len(ids)} captions written")
+    log = finish(driver, log_path, 400)
+
+    rows = read_captions(out)["id"].to_pylist()
+    assert sorted(rows) == sorted(ids), "every id has exactly one caption row (none lost, none duplicated)"
+    assert sorted(read_ok_captions(out)["id"].to_pylist()) == sorted(ids), "and it is an ok caption"
+    moved = node_of_actor(cluster, "MapWorker")
+    print(f"[fault] caption job finished: {len(ids)} ids captioned once each; "
+          f"{done_before} before the kill, {len(ids) - done_before} after (VLM actor restarted on "
+          f"{moved.name if moved else 'a surviving node'})")
+    assert "stage=summary" in log
+    add_worker(cluster)  # the cluster gets its replacement node, as an autoscaler would
+
+
+def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, tmp_path):
+    while len(cluster.workers) < 3:
+        add_worker(cluster)
+    cluster.wait_for_nodes(1 + len(cluster.workers))
+    run = tmp_path / "run"
+    epochs = 6
+    # 2 DDP workers of 2 CPUs each: one per worker node, and a spare node to restart on after the kill.
+    args = ["--out", str(run), f"epochs={epochs}", "num_workers=2", "cpus_per_worker=2", "max_failures=1",
+            "max_rows_per_split=96", "batch_size=16", "checkpoints_to_keep=2"]
+    log_path = tmp_path / "train.log"
+    driver = run_driver("train", args, cluster, log_path, {"UMAF_ENCODER_CACHE": str(tmp_path / "encoders")})
+
+    def first_epochs_reported():
+        uri = storage.join(str(run), "history.json")
+        return storage.exists(uri) and storage.read_json(uri)
+
+    history = wait_for(first_epochs_reported, 400, "the first checkpointed epoch", driver)
+    victim = wait_for(lambda: node_of_actor(cluster, "RayTrainWorker"), 30, "a Train worker's node", driver)
+    assert not (run / "metrics.json").exists(), "training ended before the kill"
+    kill_node(cluster, victim, f"hosts a Train worker; epochs reported so far: {[h['epoch'] for h in history]}")
+    finish(driver, log_path, 450)
+
+    metrics = storage.read_json(str(run / "metrics.json"))
+    history = storage.read_json(str(run / "history.json"))
+    print(f"[fault] training finished: resumed_from_epoch={metrics['resumed_from_epoch']}, "
+          f"epochs in history={[h['epoch'] for h in history]}, best_epoch={metrics['best_epoch']}")
+    assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 1, \
+        "the restarted worker group loaded the last checkpoint instead of starting over"
+    assert [h["epoch"] for h in history] == list(range(epochs)), "every epoch reported, in order"
+    assert metrics["world_size"] == 2 and metrics["test"]["accuracy"] is not None
