@@ -113,9 +113,10 @@ def test_umaf_sweep_survives_a_killed_driver_and_resumes(ray_cluster, tmp_path: 
     args = ["--out", str(out), *QUICK]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "wb")
-    # Own session: SIGKILL to the group takes the driver and the local Ray it started, as a
-    # crashed machine or OOM kill would.
-    first = subprocess.Popen([sys.executable, "jobs/tune.py", *args, "ray.num_cpus=4"], cwd=REPO, env=env,
+    # The first driver joins the test's cluster, as `ray job submit` drivers join theirs; SIGKILL
+    # takes it (and so its Tune task, trials and Train runs) down as a crash or OOM kill would.
+    address = ray_cluster.get_runtime_context().gcs_address
+    first = subprocess.Popen([sys.executable, "jobs/tune.py", *args, f"ray.address={address}"], cwd=REPO, env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     runs = out / "tiny-umaf" / "runs"
     deadline = time.time() + 600

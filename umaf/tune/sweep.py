@@ -65,6 +65,13 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) ->
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_train_config(base, params, storage.join(runs_uri, trial_id))
+    kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
+    if storage.exists(storage.join(cfg.out, "metrics.json"), **kw):
+        # The run finished, but the sweep's driver died before Tune recorded it: hand Tune the
+        # final epoch again instead of training (or even re-testing) anything.
+        history = storage.read_json(storage.join(cfg.out, "history.json"), **kw)
+        ray.tune.report(history[-1])
+        return
     run_training(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -224,12 +231,18 @@ def results_rows(cfg: TuneConfig, base: TrainConfig, grid) -> list[dict[str, Any
     for result in grid:
         match = TRIAL_ID_IN_PATH.search(os.path.basename(result.path.rstrip("/"))) if result.path else None
         trial_id = match.group(1) if match else None
-        frame = result.metrics_dataframe
-        history = frame[dev_key].dropna().tolist() if frame is not None and dev_key in frame else []
-        epochs = len(history)
-        row: dict[str, Any] = {short_name(cfg.model, key): (result.config or {}).get(key) for key in space}
         trial_id = (result.metrics or {}).get("trial_id") or trial_id
         run_uri = storage.join(runs_uri, trial_id) if trial_id else None
+        # The run folder's per-epoch history is authoritative (Tune's own record may repeat or miss
+        # epochs across a driver restart); Tune's dataframe only serves trials that never wrote one.
+        history_uri = storage.join(run_uri, "history.json") if run_uri else None
+        if history_uri and storage.exists(history_uri, **kw):
+            history = [h[dev_key] for h in storage.read_json(history_uri, **kw) if h.get(dev_key) is not None]
+        else:
+            frame = result.metrics_dataframe
+            history = frame[dev_key].dropna().tolist() if frame is not None and dev_key in frame else []
+        epochs = len(history)
+        row: dict[str, Any] = {short_name(cfg.model, key): (result.config or {}).get(key) for key in space}
         row.update(
             trial_id=trial_id,
             status=_trial_status(result, max_epochs, epochs),
