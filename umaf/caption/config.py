@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from umaf.config import RayConfig, StorageConfig, StrictModel
 
@@ -70,6 +70,12 @@ class ActorsConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor (hf backend; vllm uses tensor_parallel_size)")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per actor")
     batch_size: int = Field(8, ge=1, description="pairs per generate() call")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ActorsConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"actors.min_actors={self.min_actors} is above actors.max_actors={self.max_actors}")
+        return self
 
 
 class OutputConfig(StrictModel):

@@ -298,6 +298,10 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
         mfs, mpath = storage.resolve(manifest_uri, **config.storage_kw)
         ds = ray.data.read_parquet(mpath, filesystem=mfs, ray_remote_args=io_args).select_columns(["id", "text", "image"])
         ds = ds.map_batches(keep_ids, fn_kwargs={"ids_ref_box": [ray.put(todo)]}, batch_format="pyarrow")
+        # Streaming repartition into small blocks: a manifest file is one big block, and an actor
+        # emits its output only when it has finished a block. Small blocks keep captions flowing to
+        # storage (and to a resumed run) instead of arriving all at once at the end.
+        ds = ds.repartition(target_num_rows_per_block=max(config.actors.batch_size, config.images.batch_size))
         # The image stage asks for a different CPU share than the VLM actors on purpose: Ray Data
         # then keeps it a separate stage of plain tasks instead of fusing it into the actors, so
         # decoding and resizing run on spare CPUs while the (GPU) actors only generate.
@@ -318,8 +322,10 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
         ofs, opath = storage.resolve(config.out, **config.storage_kw)
         ofs.create_dir(opath, recursive=True)
         log.info("%s stage=write] writing captions to %s", tag, config.out)
+        # A small CPU share for the writer: with a whole CPU it waits behind the reserved actor pool
+        # until generation ends, and captions reach storage only at the end instead of streaming.
         captions.write_parquet(opath, filesystem=ofs, min_rows_per_file=config.output.rows_per_file,
-                               ray_remote_args=io_args)
+                               ray_remote_args={"num_cpus": 0.25, **io_args})
 
     after = read_statuses(config.out, **config.storage_kw)
     new_rows = after.num_rows - before.num_rows

@@ -39,7 +39,9 @@ CAPTION_SCHEMA = pa.schema(
 def read_captions(uri: str, *, columns: list[str] | None = None, **storage_kw) -> pa.Table:
     """All caption rows at ``uri`` (any status, possibly several per id)."""
     fs, path = storage.resolve(uri, **storage_kw)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
+    # The schema is given, not inferred: a folder whose only file is one torn by a killed writer
+    # (excluded as invalid) still reads as an empty captions table rather than a schema-less one.
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True, schema=CAPTION_SCHEMA)
     return dataset.to_table(columns=columns)
 
 
