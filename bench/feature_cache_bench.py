@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.image_encoder, args.text_encoder = _paper_size_encoders(tempfile.mkdtemp(prefix="umaf-paper-size-"))
         args.image_size, args.max_length = 224, 200
 
-    import numpy as np
     import ray
     import torch
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     from umaf.data.manifest import read_manifest
     from umaf.models.sppscl import SppSclConfig, SppSclModel
     from umaf.train.config import TrainConfig
-    from umaf.train.feature_cache import cache_size_bytes, load_or_build
+    from umaf.train.feature_cache import cache_size_bytes
     from umaf.train.sppscl_method import SppSclMethod
 
     torch.set_num_threads(args.threads)
