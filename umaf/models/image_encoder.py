@@ -104,11 +104,11 @@ def pixel_values_from_bytes(processor, images: list[bytes | None], image_size: i
         except Exception:  # noqa: BLE001 - any decoding error: a grey placeholder, reported via ok
             decoded.append(Image.new("RGB", (image_size, image_size), (127, 127, 127)))
             ok.append(False)
-    size = {"shortest_edge": image_size} if "shortest_edge" in (processor.size or {}) else {"height": image_size, "width": image_size}
-    kwargs = {"size": size}
-    if getattr(processor, "crop_pct", None) is not None and image_size >= 384:
-        kwargs["crop_pct"] = None
-    pixels = processor(images=decoded, return_tensors="pt", **kwargs)["pixel_values"]
+    # ConvNext-style processors (ResNet-50's) resize the short side to image_size / crop_pct and
+    # centre-crop image_size, as the official loader's Resize + CenterCrop; others resize to a square.
+    shortest = getattr(processor.size, "shortest_edge", None) if not isinstance(processor.size, dict) else processor.size.get("shortest_edge")
+    size = {"shortest_edge": image_size} if shortest else {"height": image_size, "width": image_size}
+    pixels = processor(images=decoded, return_tensors="pt", size=size)["pixel_values"]
     return pixels.float(), torch.tensor(ok, dtype=torch.bool)
 
 
