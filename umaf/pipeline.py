@@ -167,7 +167,8 @@ def stage_summary(stage: Stage, result: Any) -> dict[str, Any]:
     if not isinstance(result, dict):
         return {}
     if stage == "prepare":
-        return {k: result[k] for k in ("dataset", "rows", "out") if k in result}
+        return {"dataset": result.get("dataset"), "manifest": result.get("manifest"),
+                "rows": (result.get("counts") or {}).get("total")}
     if stage == "caption":
         return {k: result[k] for k in ("selected", "skipped", "captioned", "this_run", "dataset_status") if k in result}
     if stage == "train":
