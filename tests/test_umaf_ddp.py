@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, cache: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(480)
 def test_two_gloo_workers_equal_one_process_on_the_whole_batch(tmp_path):
     from tests.conftest import free_port
 
