@@ -26,7 +26,7 @@ from umaf.caption.store import read_captions, read_ok_captions
 from umaf.data.manifest import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # What the Jobs API uploads: the repository as the user has it, less what is never needed on a cluster.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "outputs", "runs", "bench", ".pytest_cache", "**/__pycache__"]
