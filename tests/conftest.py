@@ -26,6 +26,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Jobs forward where the object store is, never credentials: like a node with an instance role,
+# every Ray process of the test clusters finds these (fake, moto accepts any) keys in its own
+# environment, inherited from this process before any cluster starts.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 
 def free_port() -> int:

@@ -25,6 +25,15 @@ import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+# What a driver forwards to the Ray processes that read and write its data: where the store is,
+# never who you are. Credentials stay with each node's own AWS chain (instance role, IRSA, its
+# environment): in a runtime env they would be shown to anyone who opens the Ray dashboard.
+FORWARDED_ENV_VARS = (*ENDPOINT_ENV_VARS, *REGION_ENV_VARS, "AWS_PROFILE")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's non-secret storage settings, for a runtime env's ``env_vars``."""
+    return {name: os.environ[name] for name in FORWARDED_ENV_VARS if os.environ.get(name)}
 
 
 def is_s3(uri: str) -> bool:

@@ -43,15 +43,9 @@ LOADED_SCHEMA = pa.schema([
 ])
 STATUSES = (STATUS_OK, STATUS_INVALID, STATUS_ERROR)
 
-# Storage settings of the driver that the Ray processes reading and writing data must share, as
-# `ray job submit --runtime-env-json` would pass them (the same list the train job forwards). On a
-# cluster whose nodes hold their own credentials (instance role, IRSA) none of these need be set.
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-
-
 def storage_runtime_env() -> dict[str, Any] | None:
-    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    """The driver's storage settings (endpoint, region; never credentials) for the data tasks."""
+    env = storage.forwarded_env()
     return {"env_vars": env} if env else None
 
 

@@ -34,12 +34,12 @@ from umaf.train.metrics import majority_baseline
 
 logger = logging.getLogger(__name__)
 
-# The driver's AWS settings follow the job to its Ray processes (Train controller and workers write
-# checkpoints to s3://), as `ray job submit --runtime-env-json` would pass them.
+# The driver's storage and hub settings follow the job to its Ray processes (Train controller and
+# workers write checkpoints to s3://), as `ray job submit --runtime-env-json` would pass them.
+# Credentials are not among them (see storage.FORWARDED_ENV_VARS).
 PROPAGATED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-    "HF_HOME", "UMAF_ENCODER_CACHE", "RAY_AUTH_MODE",
+    *storage.FORWARDED_ENV_VARS, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "UMAF_ENCODER_CACHE",
+    "RAY_AUTH_MODE",
 )
 
 
