@@ -178,8 +178,11 @@ def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, t
     driver = run_driver("train", args, cluster, log_path, {"UMAF_ENCODER_CACHE": str(tmp_path / "encoders")})
 
     def first_epochs_reported():
+        # Kill only once Train has registered a checkpoint (rank 0 writes history.json just before
+        # ray.train.report, so history alone could precede the checkpoint the restart resumes from).
         uri = storage.join(str(run), "history.json")
-        return storage.exists(uri) and storage.read_json(uri)
+        registered = (run / "checkpoint_manager_snapshot.json").exists() and any(run.glob("checkpoint_*"))
+        return registered and storage.exists(uri) and storage.read_json(uri)
 
     found: dict[str, RayNode] = {}
 
