@@ -379,7 +379,9 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     try:
         context = ray.get_runtime_context()
         driver = ray.remote(num_cpus=0, max_retries=0)(_run_sweep_here).options(
-            runtime_env={"env_vars": {"RAY_ADDRESS": context.gcs_address}},
+            # Trials inherit these, also when this driver joined a running cluster (pipeline, tests).
+            runtime_env={"env_vars": {"RAY_ADDRESS": context.gcs_address,
+                                      WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}},
             # The sweep folder may be a local path of this node.
             scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
         )
