@@ -233,15 +233,20 @@ def results_rows(cfg: TuneConfig, base: TrainConfig, grid) -> list[dict[str, Any
         trial_id = match.group(1) if match else None
         trial_id = (result.metrics or {}).get("trial_id") or trial_id
         run_uri = storage.join(runs_uri, trial_id) if trial_id else None
-        # The run folder's per-epoch history is authoritative (Tune's own record may repeat or miss
-        # epochs across a driver restart); Tune's dataframe only serves trials that never wrote one.
-        history_uri = storage.join(run_uri, "history.json") if run_uri else None
-        if history_uri and storage.exists(history_uri, **kw):
-            history = [h[dev_key] for h in storage.read_json(history_uri, **kw) if h.get(dev_key) is not None]
+        # Epochs are those Tune saw reported (the last epoch index + 1): a trial ASHA stops can still
+        # finish the epoch in flight before its Train run is torn down, and a trial restored after a
+        # driver restart may report its last epoch again, so neither the run's history length nor
+        # the number of Tune results is the count the scheduler granted.
+        frame = result.metrics_dataframe
+        seen = frame.dropna(subset=[dev_key]) if frame is not None and dev_key in frame else None
+        if seen is not None and len(seen):
+            history = seen[dev_key].tolist()
+            epochs = int(seen["epoch"].max()) + 1
         else:
-            frame = result.metrics_dataframe
-            history = frame[dev_key].dropna().tolist() if frame is not None and dev_key in frame else []
-        epochs = len(history)
+            history_uri = storage.join(run_uri, "history.json") if run_uri else None
+            records = storage.read_json(history_uri, **kw) if history_uri and storage.exists(history_uri, **kw) else []
+            history = [h[dev_key] for h in records if h.get(dev_key) is not None]
+            epochs = len(history)
         row: dict[str, Any] = {short_name(cfg.model, key): (result.config or {}).get(key) for key in space}
         row.update(
             trial_id=trial_id,
