@@ -166,7 +166,9 @@ def test_umaf_sweep_survives_a_killed_driver_and_resumes(ray_cluster, tmp_path: 
 def test_sppscl_sweep_over_alpha_and_tau(ray_cluster, tmp_path: Path):
     """4 SPP-SCL trials over alpha x tau; the frozen-feature cache is built once, before the trials."""
     out = tmp_path / "sweeps"
-    result = job_main("tune")(["--preset", "tiny-sppscl", "--out", str(out), *QUICK])
+    # One epoch, no early stopping: ASHA is covered by the UMAF sweep; this one is about the trials
+    # sharing one feature cache.
+    result = job_main("tune")(["--preset", "tiny-sppscl", "--out", str(out), *QUICK, "train.epochs=1", "scheduler.kind=fifo"])
     rows = result["rows"]
     assert len(rows) == 4
     assert {(r["alpha"], r["tau"]) for r in rows} == {(0.3333, 0.07), (0.3333, 0.2), (1.0, 0.07), (1.0, 0.2)}
