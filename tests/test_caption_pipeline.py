@@ -123,6 +123,7 @@ def test_msed_rows_with_missing_images_to_s3_and_retry_failed(ray_cluster, s3_bu
     assert len(read_ok_captions(out)) == summary["this_run"]["ok"]
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_without_losing_or_duplicating(ray_cluster, tmp_path, tiny_vlm_cache):
     demo = write_demo(str(tmp_path / "demo"), n_train=32, n_dev=0, n_test=0)
     ids = read_manifest(demo["manifest"]).table["id"].to_pylist()
