@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, timed_on_local_ray  # noqa: E402
 
 from umaf.caption.backends import HFBackend, caption_row  # noqa: E402
 from umaf.caption.config import CaptionConfig  # noqa: E402
@@ -54,18 +55,9 @@ def plain_loop(config: CaptionConfig, manifest_uri: str) -> dict:
 
 
 def ray_pipeline(config: CaptionConfig, num_cpus: int) -> dict:
-    import ray
-
     from umaf.caption.pipeline import run_caption
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        start = time.perf_counter()
-        summary = run_caption(config)
-        seconds = time.perf_counter() - start
-    finally:
-        ray.shutdown()
+    summary, seconds = timed_on_local_ray(lambda: run_caption(config), num_cpus)
     return {"images": summary["captioned"], "seconds": round(seconds, 2),
             "images_per_s": round(summary["captioned"] / seconds, 2), "ok": summary["this_run"]["ok"]}
 
@@ -93,15 +85,8 @@ def main() -> None:
     ])
     loop = plain_loop(config, demo["manifest"])  # also builds the tiny model once, for both sides
     pipeline = ray_pipeline(config, args.num_cpus)
-    import ray
-    import torch
-    import transformers
-
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}"
-                                                                  if torch.cuda.is_available() else ""),
-        "versions": f"ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
+        **environment(),
         "model": args.model, "device": args.device, "n": args.n, "batch_size": args.batch_size,
         "actors": args.actors, "num_cpus": args.num_cpus,
         "loop": loop, "pipeline": pipeline,

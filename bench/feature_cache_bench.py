@@ -19,6 +19,14 @@ single process, so the difference is exactly the frozen encoders' forward passes
 Reports per-epoch wall time (median of ``--epochs``), the one-off cache build time and the break-even
 epoch count, and storage: the Parquet cache on disk vs the preprocessed uncached rows in Ray's
 object store.
+
+``--build-only`` times just the cache build of all three splits (train/dev/test, ``--rows`` /
+``--eval-rows`` each), cold, as a training job does it — through ``preprocess_splits`` where the
+method has it (one encoder load per actor for every split), else split by split. Run it from two
+checkouts alternately to compare builds side by side (the script imports the package of its own
+checkout)::
+
+    python bench/feature_cache_bench.py --build-only --rows 240 --eval-rows 60
 """
 
 from __future__ import annotations
@@ -69,6 +77,55 @@ def _paper_size_encoders(folder: str) -> tuple[str, str]:
     return image, text
 
 
+def build_only(args) -> dict:
+    """Cold build of the cache for train/dev/test in a fresh local Ray: seconds and rows/s."""
+    import platform
+
+    import ray
+    import torch
+
+    from umaf.data.demo import write_demo
+    from umaf.data.manifest import read_manifest
+    from umaf.models.sppscl import SppSclConfig
+    from umaf.train.config import TrainConfig
+    from umaf.train.sppscl_method import SppSclMethod
+
+    work = tempfile.mkdtemp(prefix="umaf-cache-build-bench-")
+    demo = write_demo(work, n_train=args.rows, n_dev=args.eval_rows, n_test=args.eval_rows)
+    manifest = read_manifest(demo["manifest"])
+    table = manifest.table.append_column("label", manifest.table["label_sentiment"])
+    ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        import pyarrow.compute as pc
+
+        cfg = TrainConfig(model="sppscl", out=os.path.join(work, "runs", "r"), batch_size=args.batch_size,
+                          num_workers=1, use_gpu=args.device == "cuda", preprocess_concurrency=args.actors,
+                          sppscl=SppSclConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
+                                              image_size=args.image_size, max_length=args.max_length, feature_cache="on"))
+        method = SppSclMethod()
+        raw = {split: ray.data.from_arrow(table.filter(pc.equal(table["split"], split))) for split in ("train", "dev", "test")}
+        started = time.perf_counter()
+        if hasattr(method, "preprocess_splits"):
+            built = {k: v.materialize() for k, v in method.preprocess_splits(raw, cfg).items()}
+            how = "preprocess_splits (one job, actor pool)"
+        else:
+            built = {k: method.preprocess(v, cfg, k).materialize() for k, v in raw.items()}
+            how = "preprocess per split (tasks)"
+        seconds = time.perf_counter() - started
+        rows = sum(ds.count() for ds in built.values())
+    finally:
+        ray.shutdown()
+    result = {"build_s": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds, 2), "how": how,
+              "device": args.device, "actors": args.actors, "image_encoder": args.image_encoder,
+              "text_encoder": args.text_encoder, "image_size": args.image_size, "max_length": args.max_length,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_avg": [round(x, 1) for x in os.getloadavg()], "torch": torch.__version__, "ray": ray.__version__,
+              "python": platform.python_version()}
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-encoder", default="tiny-random-resnet")
@@ -81,10 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--paper-size", action="store_true", help="random ResNet-50 + BERT-base, 224 px, 200 tokens")
+    parser.add_argument("--build-only", action="store_true", help="time only a cold cache build of train/dev/test")
+    parser.add_argument("--eval-rows", type=int, default=60, help="--build-only: dev and test rows each")
+    parser.add_argument("--actors", type=int, default=1, help="--build-only: encoder actors (preprocess_concurrency)")
     args = parser.parse_args(argv)
     if args.paper_size:
         args.image_encoder, args.text_encoder = _paper_size_encoders(tempfile.mkdtemp(prefix="umaf-paper-size-"))
         args.image_size, args.max_length = 224, 200
+    if args.build_only:
+        return build_only(args)
 
     import ray
     import torch

@@ -10,8 +10,6 @@ Re-running on the same --out captions only what is not there yet; --retry-failed
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +17,7 @@ from collections.abc import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python jobs/caption.py` from anywhere
 
 from umaf.caption.config import CaptionConfig  # noqa: E402
-from umaf.cli import Flag, parse_job_args  # noqa: E402
+from umaf.cli import Flag, parse_job_args, run_ray_job, run_script, setup_logging  # noqa: E402
 
 FLAGS = [
     Flag("--manifest", "manifest", "manifest URI (default: the demo dataset)"),
@@ -30,39 +28,20 @@ FLAGS = [
 ]
 
 
-def connect_ray(config: CaptionConfig) -> bool:
-    """Join the cluster (given address, or RAY_ADDRESS under `ray job submit`), else start a local one.
-
-    Returns True when this call started Ray (and the caller should shut it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=config.ray.include_dashboard)
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_job_args("caption", CaptionConfig, argv, description=__doc__, flags=FLAGS)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    import ray
+    setup_logging()
+    from umaf.caption.pipeline import check_locations, run_caption
 
-    from umaf.caption.pipeline import run_caption
-
-    started = connect_ray(args.config)
-    try:
-        summary = run_caption(args.config)
-    finally:
-        if started:
-            ray.shutdown()
-    print(json.dumps(summary, indent=2))
+    summary = run_ray_job("caption", args.config.ray, lambda: check_locations(args.config),
+                          lambda: run_caption(args.config))
+    run, now = summary["this_run"], summary["dataset_status"]
+    print(f"captioned {summary['captioned']} pairs in {summary['seconds']:.0f}s "
+          f"(ok {run['ok']}, invalid {run['invalid']}, error {run['error']}) → {summary['out']}; "
+          f"all ids now: ok {now['ok']}, invalid {now['invalid']}, error {now['error']} "
+          f"(details: {summary['out']}/_summary.json)")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

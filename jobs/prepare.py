@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from umaf.cli import Flag, parse_job_args  # noqa: E402
+from umaf.cli import Flag, parse_job_args, reported_errors, run_script, setup_logging  # noqa: E402
 from umaf.data.config import PrepareConfig  # noqa: E402
 from umaf.data.prepare import prepare  # noqa: E402
-from umaf.data.report import DatasetFormatError, format_summary  # noqa: E402
+from umaf.data.report import format_summary  # noqa: E402
 
 FLAGS = [
     Flag("--format", "format", "input format", choices=["mvsa-raw", "clmlf", "hfm-raw", "msed", "mmsd2", "demo"]),
@@ -34,14 +34,12 @@ FLAGS = [
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_job_args("prepare", PrepareConfig, argv, description=__doc__, flags=FLAGS)
-    try:
+    setup_logging()
+    with reported_errors("prepare"):
         report = prepare(args.config)
-    except (DatasetFormatError, FileNotFoundError, ValueError) as exc:
-        print(f"jobs/prepare.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(format_summary(report))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -12,15 +12,13 @@ Rerunning with the same --out resumes from the latest checkpoint (model, optimiz
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python jobs/train.py` from anywhere
 
-from umaf.cli import Flag, parse_job_args  # noqa: E402
+from umaf.cli import Flag, parse_job_args, reported_errors, run_script, setup_logging  # noqa: E402
 from umaf.train.config import TrainConfig  # noqa: E402
 
 FLAGS = [
@@ -34,25 +32,18 @@ FLAGS = [
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_job_args("train", TrainConfig, argv, description=__doc__, flags=FLAGS)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()
     from umaf.train.run import run_training
 
-    try:
+    with reported_errors("train"):
         metrics = run_training(args.config)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: say what and where, no traceback
-        print(f"jobs/train.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    test = metrics["test"]
-    print(json.dumps({
-        "out": args.config.out,
-        "best_epoch": metrics["best_epoch"],
-        "test_accuracy": test.get("accuracy"),
-        "test_macro_f1": test.get("macro_f1"),
-        "test_weighted_f1": test.get("weighted_f1"),
-        "majority_baseline_test": metrics["majority_baseline"]["test"],
-    }, indent=2))
+    test, baseline = metrics["test"], metrics["majority_baseline"]["test"]
+    # Epochs are counted from 1 on the console, as the epoch lines count them (metrics.json: from 0).
+    print(f"test: accuracy {test['accuracy']:.3f}, macro F1 {test['macro_f1']:.3f}, weighted F1 "
+          f"{test['weighted_f1']:.3f} (majority baseline {baseline['weighted_f1']:.3f}); best dev epoch "
+          f"{metrics['best_epoch'] + 1} of {metrics['epochs']} → {args.config.out} (metrics.json)")
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

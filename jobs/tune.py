@@ -14,15 +14,13 @@ metric. Results: <out>/<name>/results.{parquet,csv,md}, best_config.yaml, dev_me
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from umaf.cli import Flag, parse_job_args  # noqa: E402
-from umaf.config import ConfigError  # noqa: E402
+from umaf.cli import Flag, parse_job_args, reported_errors, run_script, setup_logging  # noqa: E402
 from umaf.tune.config import TuneConfig  # noqa: E402
 
 FLAGS = [
@@ -31,29 +29,24 @@ FLAGS = [
     Flag("--captions", "captions", "captions URI (UMAF)"),
     Flag("--task", "task", "label task (column label_<task>)"),
     Flag("--out", "out", "sweeps folder: local path or s3://bucket/prefix"),
+    Flag("--resume", "resume", "continue the sweep at <out>/<name> whose driver died", action="store_true"),
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in argv
-    if resume:
-        argv.remove("--resume")
-    args = parse_job_args("tune", TuneConfig, argv, description=__doc__ + "\n--resume: restore the sweep at <out>/<name> (Tuner.restore)", flags=FLAGS)
+    args = parse_job_args("tune", TuneConfig, argv, description=__doc__, flags=FLAGS)
     cfg = args.config
-    try:
+    with reported_errors("tune"):
         cfg.base_train_config()  # every train.* key and swept key checked before any work
-    except ConfigError as exc:
-        print(f"jobs/tune.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()
     from umaf.tune.sweep import run_sweep
 
-    result = run_sweep(cfg, resume=resume)
+    with reported_errors("tune"):
+        result = run_sweep(cfg)
     print(result["summary"])
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "summary")}, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -105,28 +105,39 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One real local Ray cluster for the whole test session (2 CPUs, non-default ports)."""
+def ray_head_cluster():
+    """One real Ray cluster for the whole session: ``ray start --head`` on free ports (4 CPUs, dashboard
+    with the Jobs API), stopped by PID at the end.
+
+    Shared by the tests that run jobs in this process (through :func:`ray_cluster`), the ones that run
+    drivers as subprocesses (``ray.address=<gcs>``) and the ones that submit through the Jobs API: a
+    Ray head costs tens of seconds to start on a loaded 2-core machine, and what these tests prove
+    does not depend on having a cluster of their own (the fault-tolerance tests, which kill nodes, do
+    start their own). Its nodes' environment holds the S3 test server's (fake) credentials, as an
+    instance role would provide them; jobs are never given credentials.
+    """
+    from ray_head import start_head
+
+    cluster = start_head(num_cpus=int(os.environ.get("UMAF_TEST_RAY_CPUS", "4")), object_store_mb=400)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head_cluster):
+    """This process as a driver of the session's cluster (jobs called in-process join it)."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ctx = ray.init(
-        address="local",
-        num_cpus=int(os.environ.get("UMAF_TEST_RAY_CPUS", "4")),
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
-    )
+    ray.init(address=ray_head_cluster.gcs_address, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:
         ray.shutdown()
-        del ctx
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +165,49 @@ def job_main(name: str):
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name].main
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie or a reaped one is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for_killed_driver_job(address: str, driver_pid: int, timeout: float = 300) -> None:
+    """Wait until no process of a killed driver's Ray job is alive: its (non-detached) actors are DEAD
+    and no actor or task of the job still has a live worker process (by PID).
+
+    A SIGKILLed driver's actors and tasks (Ray Train's controller and workers, Ray Data's actors and
+    write tasks) are killed by Ray once the GCS sees the driver gone; until then they can still write
+    (a newer checkpoint, a caption file). Tests that read "what the killed run left" wait for this
+    condition, not a sleep.
+    """
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    deadline = time.time() + timeout
+    job_id, left = None, []
+    while time.time() < deadline:
+        if job_id is None:
+            jobs = [j for j in list_jobs(address=address, raise_on_missing_output=False)
+                    if j.driver_info is not None and str(j.driver_info.pid) == str(driver_pid)]
+            if not jobs:
+                raise AssertionError(f"no Ray job has driver pid {driver_pid}")
+            job_id = jobs[-1].job_id
+        actors = list_actors(address=address, filters=[("job_id", "=", job_id)], limit=10000, detail=True,
+                             raise_on_missing_output=False)
+        tasks = list_tasks(address=address, filters=[("job_id", "=", job_id)], limit=10000, detail=True,
+                           raise_on_missing_output=False)
+        # Detached actors (Ray Train's PlacementGroupCleaner) outlive their job by design; they write
+        # nothing of the run, and waiting for them would wait forever.
+        detached = {a.pid for a in actors if a.is_detached}
+        left = [f"actor {a.class_name} {a.state} pid={a.pid}" for a in actors
+                if not a.is_detached and (a.state != "DEAD" or (a.pid and pid_alive(a.pid)))]
+        left += [f"task {t.name} pid={t.worker_pid}" for t in tasks
+                 if t.worker_pid and t.worker_pid not in detached and pid_alive(t.worker_pid)]
+        if not left:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} (driver pid {driver_pid}) still has live processes after {timeout:.0f}s: {left[:10]}")

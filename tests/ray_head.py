@@ -105,6 +105,17 @@ class RayNode:
         """``pid command`` of each live process of this node (what a kill would take down)."""
         return [f"{p} {_cmdline(p)[:120]}" for p in self.pids()]
 
+    def freeze(self) -> list[int]:
+        """SIGSTOP every process of the node: from this instant it does no more work (a test can then
+        check the job has not finished yet, race-free, before the kill). Returns the PIDs stopped."""
+        victims = self.pids()
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return victims
+
     def kill(self) -> list[int]:
         """SIGKILL the whole node (raylet, agents, its workers) at once; returns the PIDs killed.
 
@@ -224,6 +235,7 @@ def start_head(
     env: dict[str, str] | None = None,
     timeout: float = 180,
     attempts: int = 3,
+    num_gpus: int = 0,
 ) -> RayCluster:
     """``ray start --head --block`` on free ports with the dashboard; returns once the dashboard answers.
 
@@ -232,7 +244,7 @@ def start_head(
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _start_head_once(num_cpus, resources, object_store_mb, env, timeout)
+            return _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus)
         except RuntimeError as exc:
             if attempt == attempts:
                 raise
@@ -240,13 +252,13 @@ def start_head(
     raise AssertionError("unreachable")
 
 
-def _start_head_once(num_cpus, resources, object_store_mb, env, timeout) -> RayCluster:
+def _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus=0) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="umaf-ray-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
     args = [
         RAY_BIN, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
         f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
         "--disable-usage-stats", *_node_ports(),
     ]
@@ -296,7 +308,35 @@ def start_worker(
 
 
 def job_runtime_env_vars() -> dict[str, str]:
-    """Environment a job driver on a test cluster needs (offline hubs, no auth, same AWS settings)."""
-    keep = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-    return {**{k: v for k, v in NODE_ENV.items() if not k.startswith("RAY_health")},
-            **{k: os.environ[k] for k in keep if os.environ.get(k)}}
+    """Environment a job driver on a test cluster is given: offline hubs, no auth, where the S3 store is.
+
+    Never credentials: a runtime env is shown to anyone who opens the dashboard. The nodes have the S3
+    test server's (fake) keys in their own environment, inherited when ``ray start`` ran, as a node
+    with an instance role would; jobs find them through the standard AWS chain there."""
+    from umaf import storage
+
+    return {**{k: v for k, v in NODE_ENV.items() if not k.startswith("RAY_health")}, **storage.forwarded_env()}
+
+
+TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submit_and_wait(client, entrypoint: str, runtime_env: dict, timeout: float, **submit_kw) -> tuple[str, str, str]:
+    """Submit a job and wait for a terminal state; returns ``(submission_id, status, logs)``.
+
+    Past ``timeout`` the job is stopped and the test fails with the job's logs, so a slow job never
+    runs into pytest's own timeout (which would show nothing of what the job was doing)."""
+    import pytest
+
+    submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, **submit_kw)
+    deadline = time.time() + timeout
+    status = str(client.get_job_status(submission_id).value)
+    while status not in TERMINAL_JOB_STATES and time.time() < deadline:
+        time.sleep(1)
+        status = str(client.get_job_status(submission_id).value)
+    logs = client.get_job_logs(submission_id)
+    if status not in TERMINAL_JOB_STATES:
+        client.stop_job(submission_id)
+        pytest.fail(f"job {submission_id} still {status} after {timeout:.0f}s (stopped);\n"
+                    f"entrypoint: {entrypoint}\n--- logs (tail) ---\n{logs[-6000:]}")
+    return submission_id, status, logs

@@ -14,6 +14,7 @@ from umaf.caption.backends import (
     Generation,
     caption_row,
     vllm_engine_kwargs,
+    vllm_error_to_caption,
     vllm_output_to_caption,
     vllm_processor_config,
     vllm_request,
@@ -69,10 +70,33 @@ def test_schema_has_exactly_the_three_required_string_fields():
 
 
 def test_schema_compiles_in_xgrammar_and_accepts_only_schema_json():
+    """Compiled as the hf backend compiles it (``compile_json_schema``, ``any_whitespace=False``), the
+    grammar accepts a complete answer with the three fields in order within ``maxLength`` and rejects
+    every other document: a missing, extra, reordered, over-long or non-string field, or a truncation."""
     import xgrammar as xgr
 
-    grammar = xgr.Grammar.from_json_schema(json.dumps(caption_json_schema(8)), any_whitespace=False)
-    assert "ocr" in str(grammar)
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo(["a", "b"])).compile_json_schema(
+        json.dumps(caption_json_schema(8)), any_whitespace=False)
+
+    def accepts(document: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled)
+        return matcher.accept_string(document) and matcher.is_completed()
+
+    good = {"ocr": "SALE", "visual_scene": "rain", "textimage_relation": "ironic"}
+    assert accepts(json.dumps(good))
+    assert accepts(json.dumps({**good, "ocr": "x" * 8}))  # exactly maxLength
+    assert accepts(json.dumps({**good, "ocr": ""}))
+    rejected = [
+        json.dumps({**good, "ocr": "x" * 9}),  # over maxLength
+        json.dumps({"ocr": "SALE", "visual_scene": "rain"}),  # a required field missing
+        json.dumps({**good, "extra": "x"}),  # additionalProperties: false
+        json.dumps({**good, "ocr": 1}),  # not a string
+        json.dumps(dict(reversed(list(good.items())))),  # fields out of the schema's order
+        json.dumps(good)[:-1],  # truncated: not a complete document
+        "not json",
+    ]
+    for document in rejected:
+        assert not accepts(document), document
 
 
 # ------------------------------------------------------------------ parser
@@ -224,7 +248,7 @@ def test_vllm_processor_config_uses_ray_data_llm():
     assert processor_config.should_continue_on_error is True
     assert processor_config.batch_size == 16
     assert processor_config.concurrency == (1, 4)
-    assert processor_config.prepare_multimodal_stage == {"enabled": True}
+    assert processor_config.prepare_multimodal_stage["enabled"] is True
     engine = processor_config.engine_kwargs
     assert engine["tensor_parallel_size"] == 2
     assert engine["gpu_memory_utilization"] == 0.85
@@ -241,7 +265,10 @@ def test_vllm_outputs_become_caption_rows_errors_included():
     failed = {"id": "p2", "image_sha256": "h", "__inference_error__": "prompt too long", "generated_text": ""}
     truncated = {"id": "p3", "image_sha256": "h", "__inference_error__": "", "num_generated_tokens": 256,
                  "generated_text": '{"ocr": "abc'}
-    rows = [vllm_output_to_caption(r, config) for r in (good, failed, truncated)]
+    # Ray calls the postprocess only for rows without an error; error rows come out raw and are
+    # turned into caption rows after the processor (tests/test_caption_vllm.py runs the real path).
+    rows = [vllm_output_to_caption(good, config), vllm_error_to_caption(failed, model="m", sampling_json="{}"),
+            vllm_output_to_caption(truncated, config)]
     assert [r["status"] for r in rows] == ["ok", "error", "invalid"]
     assert rows[1]["error"] == "inference failed: prompt too long"
     assert rows[2]["error"].startswith("truncated JSON") and rows[2]["raw"] == '{"ocr": "abc'
@@ -254,5 +281,12 @@ def test_vllm_engine_runs_where_gpu_and_vllm_exist():
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the vLLM engine cannot start on CPU")
-    # Reaching here means a GPU node with vllm: the integration lives in bench/caption_bench.py --backend vllm.
-    assert vllm_processor_config(_vllm_config()) is not None
+    # On a GPU node with vLLM the processor config is built by vLLM's own classes: it must hold what the
+    # job's config says (the engine run itself is bench/caption_bench.py --backend vllm; the Ray Data
+    # plan around a fake engine is tested where vLLM is absent).
+    processor_config = vllm_processor_config(_vllm_config())
+    assert processor_config.model_source == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert processor_config.engine_kwargs["tensor_parallel_size"] == 2
+    assert processor_config.engine_kwargs["gpu_memory_utilization"] == 0.85
+    assert processor_config.batch_size == 16 and processor_config.concurrency == (1, 4)
+    assert processor_config.should_continue_on_error is True

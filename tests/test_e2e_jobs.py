@@ -1,11 +1,15 @@
 """End to end through the Ray Jobs API: prepare → caption → train → tune, then the pipeline job.
 
-A real head is started by this test (``ray start --head`` on free ports, dashboard on, private temp
-dir) and stopped by PID at the end. Each stage is submitted with ``JobSubmissionClient`` exactly as a
+The session's Ray head (``ray start --head`` on free ports, dashboard on, private temp dir, stopped
+by PID at the end; see ``ray_head_cluster`` in conftest.py) takes the jobs. Each stage is submitted with ``JobSubmissionClient`` exactly as a
 user would (``runtime_env`` = the repository as ``working_dir``), on the ``tiny`` presets made smaller
 by overrides; every job must reach ``SUCCEEDED`` and the dashboard's REST API must list them. The
 stages write the layout ``jobs/pipeline.py`` uses, so a final pipeline job over the same folder finds
-every stage done and skips it (the caption stage runs but captions nothing).
+every stage done and skips it (the caption stage runs but captions nothing), except the predict
+stage, which labels the test split with the trained run: its metrics must be the run's own.
+
+Sizes are the smallest that still show each stage's work (72 pairs, 1 epoch, 2 trials): what is
+proved is that every stage runs as a submitted job and finds the previous stage's output.
 """
 
 from __future__ import annotations
@@ -20,87 +24,74 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ray_head import job_runtime_env_vars, start_head
+from ray_head import job_runtime_env_vars, submit_and_wait
 from umaf import storage
-from umaf.caption.store import read_captions, read_ok_captions
+from umaf.caption.store import read_captions
 from umaf.data.manifest import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
+TEST_TIMEOUT = 1800
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(TEST_TIMEOUT)]
 
 # What the Jobs API uploads: the repository as the user has it, less what is never needed on a cluster.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "outputs", "runs", "bench", ".pytest_cache", "**/__pycache__"]
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A Ray head of our own (4 logical CPUs, dashboard on a free port), stopped by PID afterwards."""
-    cluster = start_head(num_cpus=4)
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
-        assert not cluster.head.pids(), "head processes left after shutdown"
-
-
-def submit_and_wait(client, name: str, entrypoint: list[str], env: dict[str, str], timeout: float = 420) -> dict:
+def submit(client, name: str, entrypoint: list[str], env: dict[str, str], deadline: float) -> dict:
     """Submit one job with the repository as working_dir; wait for a terminal status; return its info."""
-    submission_id = client.submit_job(
-        entrypoint=shlex.join(entrypoint),
-        submission_id=f"umaf-e2e-{name}-{int(time.time())}",
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
-        metadata={"stage": name},
+    submission_id, status, logs = submit_and_wait(
+        client, shlex.join(entrypoint),
+        {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env}, deadline - time.time(),
+        submission_id=f"umaf-e2e-{name}-{int(time.time())}", metadata={"stage": name},
     )
-    deadline = time.time() + timeout
-    status = None
-    while time.time() < deadline:
-        status = str(client.get_job_status(submission_id).value)
-        if status in TERMINAL:
-            break
-        time.sleep(2)
     info = client.get_job_info(submission_id)
-    logs = client.get_job_logs(submission_id)
     seconds = ((info.end_time or time.time() * 1000) - (info.start_time or 0)) / 1000
     print(f"[e2e] job {name} ({submission_id}): {status} in {seconds:.1f}s")
     assert status == "SUCCEEDED", f"job {name} ended {status}: {info.message}\n--- logs (tail) ---\n{logs[-6000:]}"
     return {"id": submission_id, "logs": logs, "seconds": seconds}
 
 
-def test_stages_submitted_with_the_jobs_api_all_succeed(head, tmp_path, tiny_vlm_cache):
+def test_stages_submitted_with_the_jobs_api_all_succeed(ray_head_cluster, tmp_path, tiny_vlm_cache):
     from ray.job_submission import JobSubmissionClient
 
+    # The jobs share the test's time: each may take what is left of it (less what the session's head
+    # may have taken to start in this test's setup, and a margin for the logs), so a stuck job fails
+    # with its logs before pytest's own timeout, and a slow one on a loaded box is not cut off early.
+    deadline = time.time() + TEST_TIMEOUT - 300
+    head = ray_head_cluster
     client = JobSubmissionClient(head.dashboard_url)
     out = tmp_path / "pipeline"
     env = {**job_runtime_env_vars(), "UMAF_ENCODER_CACHE": str(tmp_path / "encoders")}
     py = sys.executable  # the interpreter the cluster runs (the project's venv)
     manifest, captions = f"{out}/manifest", f"{out}/captions"
     caption_overrides = [f"model_cache_dir={tiny_vlm_cache}", "output.rows_per_file=32", "actors.batch_size=8"]
-    train_overrides = ["epochs=2", "num_workers=2"]
-    tune_overrides = ["train.epochs=2", "search.space.lambda.grid=[0.1]"]  # K in {2, 10}: 2 trials
+    train_overrides = ["epochs=1", "num_workers=2"]
+    tune_overrides = ["train.epochs=1", "search.space.lambda.grid=[0.1]"]  # K in {2, 10}: 2 trials
 
     jobs = {}
-    jobs["prepare"] = submit_and_wait(client, "prepare", [
+    jobs["prepare"] = submit(client, "prepare", [
         py, "jobs/prepare.py", "--format", "demo", "--out", manifest,
-        "demo.n_train=64", "demo.n_dev=16", "demo.n_test=16"], env)
+        "demo.n_train=48", "demo.n_dev=12", "demo.n_test=12"], env, deadline)
     ids = read_manifest(manifest).table["id"].to_pylist()
-    assert len(ids) == 96
+    assert len(ids) == 72
 
-    jobs["caption"] = submit_and_wait(client, "caption", [
-        py, "jobs/caption.py", "--manifest", manifest, "--out", captions, *caption_overrides], env)
-    assert sorted(read_ok_captions(captions)["id"].to_pylist()) == sorted(ids), "every id captioned once, ok"
+    jobs["caption"] = submit(client, "caption", [
+        py, "jobs/caption.py", "--manifest", manifest, "--out", captions, *caption_overrides], env, deadline)
+    rows = read_captions(captions)  # raw rows: a duplicate would show here (read_ok_captions hides them)
+    assert sorted(rows["id"].to_pylist()) == sorted(ids), "every id captioned exactly once"
+    assert set(rows["status"].to_pylist()) == {"ok"}
     assert "stage=summary" in jobs["caption"]["logs"], "the job's log names its stage"
 
-    jobs["train"] = submit_and_wait(client, "train", [
+    jobs["train"] = submit(client, "train", [
         py, "jobs/train.py", "--model", "umaf", "--manifest", manifest, "--captions", captions,
-        "--out", f"{out}/runs/train", *train_overrides], env)
+        "--out", f"{out}/runs/train", *train_overrides], env, deadline)
     metrics = storage.read_json(f"{out}/runs/train/metrics.json")
-    assert metrics["world_size"] == 2 and metrics["epochs"] == 2
-    assert metrics["data"]["rows_used"]["train"] == 64
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 1
+    assert metrics["data"]["rows_used"]["train"] == 48
 
-    jobs["tune"] = submit_and_wait(client, "tune", [
+    jobs["tune"] = submit(client, "tune", [
         py, "jobs/tune.py", "--model", "umaf", "--manifest", manifest, "--captions", captions,
-        "--out", f"{out}/sweeps", *tune_overrides], env)
+        "--out", f"{out}/sweeps", *tune_overrides], env, deadline)
     results = pq.read_table(f"{out}/sweeps/tiny-umaf/results.parquet").to_pylist()
     assert len(results) == 2 and sorted(r["K"] for r in results) == [2, 10]
 
@@ -114,14 +105,19 @@ def test_stages_submitted_with_the_jobs_api_all_succeed(head, tmp_path, tiny_vlm
 
     # The orchestrated entry point over the same folder: every stage finds its work done.
     before = read_captions(captions).num_rows
-    pipeline = submit_and_wait(client, "pipeline", [
+    pipeline = submit(client, "pipeline", [
         py, "jobs/pipeline.py", "--out", str(out),
         f"caption.overrides={json.dumps(caption_overrides)}", f"train.overrides={json.dumps(train_overrides)}",
-        f"tune.overrides={json.dumps(tune_overrides)}"], env)
+        f"tune.overrides={json.dumps(tune_overrides)}"], env, deadline)
     summary = storage.read_json(f"{out}/pipeline_summary.json")["stages"]
     print("[e2e] pipeline over finished outputs:", json.dumps(summary))
     assert summary["prepare"]["status"] == summary["train"]["status"] == summary["tune"]["status"] == "skipped"
     assert summary["caption"]["status"] == "ran" and summary["caption"]["captioned"] == 0
     assert summary["caption"]["skipped"] == len(ids)
     assert read_captions(captions).num_rows == before, "no caption written twice"
-    assert "[pipeline stage=train" in pipeline["logs"]
+    assert "== stage 3/5 train: skipped (finished run:" in pipeline["logs"]
+    # The pipeline's predict stage (the only one with work left): the run's best model on the test
+    # split gives back the run's own test metrics, through the predict job's actors.
+    assert summary["predict"]["status"] == "ran" and summary["predict"]["this_run"] == {"ok": 12, "error": 0}
+    predicted = storage.read_json(f"{out}/predictions/train/_metrics.json")["splits"]["test"]
+    assert predicted == metrics["test"], (predicted, metrics["test"])

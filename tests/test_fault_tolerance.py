@@ -8,7 +8,12 @@ agents, workers), which the GCS sees as a node failure within seconds (short hea
 
 (a) Captioning: the node running the VLM actor is killed after the first caption files appear; Ray
     Data restarts the actor elsewhere and retries lost work; the job ends with every manifest id
-    captioned exactly once.
+    captioned exactly once. Exactly once, not "at least once", holds within one run: Ray Data names a
+    write task's files by (write id, task index), so a write task retried after its file landed
+    rewrites that same file instead of adding a second one (see ``umaf/caption/store.py``).
+Each victim node is frozen (SIGSTOP) the moment the test has seen what it waits for, then checked
+not to have finished, then killed: the job cannot finish between the check and the kill.
+
 (b) Training: the node running a Ray Train worker is killed after the first checkpoint; Train's
     ``FailureConfig(max_failures=1)`` restarts the worker group from the last checkpoint on the
     nodes left, and the run reaches its last epoch.
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pid_alive
 from ray_head import RayCluster, RayNode, job_runtime_env_vars, start_head
 from umaf import storage
 from umaf.caption.store import read_captions, read_ok_captions
@@ -106,8 +112,8 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
 def kill_node(cluster: RayCluster, node: RayNode, what: str) -> None:
     print(f"[fault] killing node {node.name} ({what}); its processes:\n  " + "\n  ".join(node.describe()))
     killed = node.kill()
-    assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ", 1)[1][0] != "Z"
-                   for p in killed), "node processes survived SIGKILL"
+    # (pid_alive reads /proc once and treats a zombie or an already reaped PID as dead)
+    assert not any(pid_alive(p) for p in killed), "node processes survived SIGKILL"
     cluster.workers.remove(node)
     wait_for(lambda: len(cluster.alive_nodes()) == 1 + len(cluster.workers), 60, "the GCS to mark the node dead")
     survivors = [w.name for w in cluster.workers]
@@ -144,8 +150,11 @@ def test_caption_job_survives_losing_the_vlm_actors_node(cluster, tmp_path, tiny
 
     wait_for(actor_placed_and_files_written, 480, "the VLM actor and the first caption files", driver)
     victim = found["victim"]
+    # Freeze the node first: from here its actor generates nothing, so what is counted below is what
+    # the kill interrupts (the job cannot finish between this check and the kill).
+    victim.freeze()
     done_before = len(read_captions(out))
-    assert done_before < len(ids), "the job finished before the kill"
+    assert driver.poll() is None and done_before < len(ids), "the job finished before the node was frozen"
     kill_node(cluster, victim, f"hosts the VLM actor; {done_before}/{len(ids)} captions written")
     log = finish(driver, log_path, 400)
 
@@ -170,7 +179,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, t
         add_worker(cluster)
     cluster.wait_for_nodes(1 + len(cluster.workers))
     run = tmp_path / "run"
-    epochs = 6
+    epochs = 6  # enough that the first registered checkpoint is seen well before the last epoch
     # 2 DDP workers of 2 CPUs each: one per worker node, and a spare node to restart on after the kill.
     args = ["--out", str(run), f"epochs={epochs}", "num_workers=2", "cpus_per_worker=2", "max_failures=1",
             "max_rows_per_split=96", "batch_size=16", "checkpoints_to_keep=2"]
@@ -194,9 +203,14 @@ def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, t
             found["victim"] = node
         return first_epochs_reported()
 
-    history = wait_for(worker_placed_and_epoch_checkpointed, 480, "a Train worker and the first checkpointed epoch", driver)
+    wait_for(worker_placed_and_epoch_checkpointed, 480, "a Train worker and the first checkpointed epoch", driver)
     victim = found["victim"]
-    assert not (run / "metrics.json").exists(), "training ended before the kill"
+    # Freeze the node first: a DDP step needs both ranks, so from here no epoch completes and the run
+    # cannot end between this check and the kill.
+    victim.freeze()
+    history = first_epochs_reported()
+    assert not (run / "metrics.json").exists() and driver.poll() is None, "training ended before the node was frozen"
+    assert history[-1]["epoch"] < epochs - 1, f"the last epoch was reported before the freeze: {history}"
     kill_node(cluster, victim, f"hosts a Train worker; epochs reported so far: {[h['epoch'] for h in history]}")
     finish(driver, log_path, 450)
 

@@ -33,7 +33,7 @@ def pipeline_config(*overrides: str) -> PipelineConfig:
 
 def test_stages_run_in_pipeline_order_whatever_order_they_are_named():
     assert pipeline_config("stages=tune,caption").stages == ["caption", "tune"]
-    assert pipeline_config().stages == ["prepare", "caption", "train", "tune"]
+    assert pipeline_config().stages == ["prepare", "caption", "train", "predict", "tune"]
 
 
 def test_unknown_stage_and_bad_stage_keys_stop_before_any_work(tmp_path, capsys):
@@ -58,9 +58,12 @@ def test_each_stage_reads_what_the_previous_one_wrote(tmp_path):
     prepare = stage_config("prepare", stage_argv(cfg, "prepare"), flags["prepare"])
     caption = stage_config("caption", stage_argv(cfg, "caption"), flags["caption"])
     train = stage_config("train", stage_argv(cfg, "train"), flags["train"])
+    predict = stage_config("predict", stage_argv(cfg, "predict"), flags["predict"])
     tune = stage_config("tune", stage_argv(cfg, "tune"), flags["tune"])
-    assert prepare.out == caption.manifest == train.manifest == tune.manifest == uris["manifest"]
-    assert caption.out == train.captions == tune.captions == uris["captions"]
+    assert prepare.out == caption.manifest == train.manifest == predict.manifest == tune.manifest == uris["manifest"]
+    assert caption.out == train.captions == predict.captions == tune.captions == uris["captions"]
+    assert predict.run == train.out and predict.out == str(tmp_path / "predictions" / "r1")
+    assert predict.splits == ["test"]  # the tiny preset: the demo's test split
     assert train.out == str(tmp_path / "runs" / "r1") and train.epochs == 3 and train.task == "sentiment"
     assert tune.out == str(tmp_path / "sweeps") and tune.task == "sentiment"
 
@@ -93,3 +96,4 @@ def test_finished_outputs_are_skipped_and_unfinished_ones_are_not(tmp_path):
     assert "metrics.json" in stage_done(cfg, "train", configs["train"])
     assert "results.parquet" in stage_done(cfg, "tune", configs["tune"])
     assert stage_done(cfg, "caption", configs["caption"]) is None  # the caption job skips done ids itself
+    assert stage_done(cfg, "predict", configs["predict"]) is None  # so does the predict job

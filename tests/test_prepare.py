@@ -81,7 +81,7 @@ def test_bad_line_fails_with_file_and_line_then_skip_counts_it(tmp_path: Path):
         fh.write("3\tgood,neutral\n")
     out = tmp_path / "m"
     failed = run_job("--format", "mvsa-raw", "--source", str(source), "--out", str(out))
-    assert failed.returncode == 1
+    assert failed.returncode == 2  # bad input: one message, exit status 2
     assert f"{source / 'labelResultAll.txt'}:4" in failed.stderr and "'good,neutral'" in failed.stderr
     assert not out.exists()  # nothing written before the error
     skipped = run_job("--format", "mvsa-raw", "--source", str(source), "--out", str(out), "--on-error", "skip")
@@ -97,7 +97,7 @@ def test_duplicate_ids_are_bad_records(tmp_path: Path, capsys):
     out = str(tmp_path / "m")
     with pytest.raises(SystemExit) as exit_info:
         prepare_job.main(["--format", "clmlf", "--source", str(tmp_path), "--out", out])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert "duplicate id (first at" in capsys.readouterr().err
     report = prepare_job.main(["--format", "clmlf", "--source", str(tmp_path), "--out", out, "on_error=skip"])
     assert report["counts"]["total"] == 1 and report["skipped_records"] == 2

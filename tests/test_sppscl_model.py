@@ -147,3 +147,26 @@ def test_checkpoint_holds_only_what_trains_and_moves_between_cached_and_uncached
         head_only.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.fc.")})
     tuned = SppSclModel(SppSclConfig(**TINY, finetune_text=True), num_classes=3)
     assert any(k.startswith("text_encoder.") for k in tuned.state_dict())  # fine-tuned layers are kept
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_text_layers_uses_only_the_last_layers(layers: int) -> None:
+    """Table 6: the hierarchical attention fuses the last ``text_layers`` of the four cached layers;
+    the earlier layers do not change the output."""
+    from umaf.models.sppscl import SppSclHead
+
+    torch.manual_seed(0)
+    head = SppSclHead(SppSclConfig(text_layers=layers, dropout=0.0), 3, image_in_channels=6, text_hidden=8, text_layers=4).eval()
+    assert head.text_head.layer_weights[0].in_features == layers
+    image_map, states = torch.randn(4, 6, 2, 2), torch.randn(4, 4, 5, 8)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    with torch.no_grad():
+        out = head(image_map, states, mask).logits
+        changed = states.clone()
+        changed[:, : 4 - layers] = torch.randn_like(changed[:, : 4 - layers])
+        assert torch.allclose(head(image_map, changed, mask).logits, out)
+        if layers < 4:
+            changed[:, -1] += 1.0  # the top layer always counts
+            assert not torch.allclose(head(image_map, changed, mask).logits, out)
+    with pytest.raises(ValueError):
+        SppSclConfig(text_layers=5)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, job_main, wait_for_killed_driver_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,8 +48,9 @@ def _args(demo: dict[str, str], out: Path, *overrides: str) -> list[str]:
 def test_cached_run_killed_resumed_beats_baseline_with_diagnostics(ray_cluster, demo, tmp_path: Path) -> None:
     """The default path (frozen features cached): the driver is killed after the first checkpoint; the
     rerun with the same --out resumes from it, reuses the cache and finishes above the baseline."""
-    from jobs.train import main
     from umaf.train.feature_cache import SUCCESS_FILE
+
+    main = job_main("train")
 
     out = tmp_path / "runs" / "cached"
     args = _args(demo, out)
@@ -68,7 +69,8 @@ def test_cached_run_killed_resumed_beats_baseline_with_diagnostics(ray_cluster, 
     finally:
         proc.kill()  # the driver dies mid-run (SIGKILL: no cleanup)
         proc.wait()
-    time.sleep(5)  # the job's workers die with their driver
+    # Its Train workers outlive the driver briefly and could still register a newer checkpoint.
+    wait_for_killed_driver_job(address, proc.pid)
     killed_at = _latest_checkpoint_epoch(out)
     assert not (out / "metrics.json").exists()
 
@@ -99,8 +101,7 @@ def test_cached_run_killed_resumed_beats_baseline_with_diagnostics(ray_cluster, 
 
 def test_uncached_run_beats_baseline(ray_cluster, demo, tmp_path: Path) -> None:
     """feature_cache=off: the frozen encoders run inside every training step."""
-    from jobs.train import main
-
+    main = job_main("train")
     out = tmp_path / "runs" / "uncached"
     metrics = main(_args(demo, out, "sppscl.feature_cache=off", "sppscl.diagnostics=false", "epochs=3"))
     for metric in ("accuracy", "weighted_f1", "macro_f1"):

@@ -47,26 +47,36 @@ def test_atomic_write_local_replaces_and_leaves_no_temp_files(tmp_path: Path):
 
 
 def test_readers_never_see_a_partial_local_write(tmp_path: Path):
-    """A reader racing a writer of large files gets either the old or the new document, never a torn one."""
+    """A reader racing a writer of large files gets either the old or the new document, never a torn one.
+
+    The writer keeps replacing the file until the reader has read both versions several times while
+    writes were going on, so the reads provably overlapped the writes (a bound on the number of
+    writes keeps a broken reader from looping forever)."""
     target = str(tmp_path / "big.json")
     docs = [{"n": n, "payload": str(n) * 200_000} for n in range(2)]
     storage.write_json_atomic(target, docs[0])
-    seen, errors, stop = set(), [], threading.Event()
+    reads, errors, stop = [], [], threading.Event()
 
     def reader():
         while not stop.is_set():
             try:
-                seen.add(storage.read_json(target)["n"])
+                reads.append(storage.read_json(target)["n"])
             except Exception as exc:  # noqa: BLE001 - any failure to parse is the bug this test looks for
                 errors.append(exc)
 
     thread = threading.Thread(target=reader)
     thread.start()
-    for k in range(30):
-        storage.write_json_atomic(target, docs[k % 2])
-    stop.set()
-    thread.join()
-    assert not errors and seen <= {0, 1}
+    writes = 0
+    try:
+        while writes < 20_000 and not errors and not (reads.count(0) >= 5 and reads.count(1) >= 5):
+            writes += 1
+            storage.write_json_atomic(target, docs[writes % 2])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert reads.count(0) >= 5 and reads.count(1) >= 5, f"the reader never overlapped the writes ({writes} writes, {len(reads)} reads)"
+    assert set(reads) == {0, 1}
 
 
 def test_s3_round_trip_through_boto3_and_pyarrow(s3_bucket: str, tmp_path: Path):
@@ -102,7 +112,24 @@ def test_explicit_endpoint_without_environment(s3_endpoint: str, s3_bucket: str,
     uri = f"{s3_bucket}/explicit.json"
     storage.write_json_atomic(uri, {"ok": True}, endpoint_url=s3_endpoint)
     assert storage.read_json(uri, endpoint_url=s3_endpoint) == {"ok": True}
-    # The endpoint may also be given without a scheme, as MinIO users often write it (then https is
-    # assumed): the filesystem is built for it, and nothing is contacted until first use.
-    fs = storage.s3_filesystem(endpoint_url=s3_endpoint.removeprefix("http://"))
-    assert isinstance(fs, pafs.S3FileSystem)
+    # The endpoint may also be given without a scheme, as MinIO users often write it: https is then
+    # assumed, so the same plain-HTTP server now refuses the TLS handshake.
+    bare = s3_endpoint.removeprefix("http://")
+    assert isinstance(storage.s3_filesystem(endpoint_url=bare), pafs.S3FileSystem)  # nothing contacted yet
+    with pytest.raises(OSError, match="SSL|TLS"):
+        storage.read_json(uri, endpoint_url=bare)
+
+
+def test_forwarded_env_names_the_store_never_a_secret(monkeypatch):
+    """What a driver forwards into a runtime env (shown on the dashboard) says where the store is,
+    never who you are: with every AWS variable set, no credential comes out."""
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+               "AWS_SESSION_TOKEN": "session-token-value", "AWS_SECURITY_TOKEN": "security-token-value"}
+    settings = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+                "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_PROFILE": "lab"}
+    for name, value in {**secrets, **settings}.items():
+        monkeypatch.setenv(name, value)
+    forwarded = storage.forwarded_env()
+    assert forwarded == settings
+    assert not set(forwarded) & set(secrets)
+    assert not any(value in forwarded.values() for value in secrets.values())

@@ -34,14 +34,17 @@ def direct_supcon(z: torch.Tensor, y: list[int], tau: float, official: bool) -> 
     return sum(per_anchor) / len(per_anchor)
 
 
-def direct_cross(t: torch.Tensor, im: torch.Tensor, y: list[int], tau: float, official: bool) -> float:
-    """Eq. 6 written out: text anchor m, image positives n (n ≠ m unless official), all images in the denominator."""
+def direct_cross(t: torch.Tensor, im: torch.Tensor, y: list[int], tau: float, official: bool, paired: bool) -> float:
+    """Eq. 6 written out: text anchor m, image positives n with y_n = y_m (n ≠ m for the printed
+    mask), all images in the denominator; anchors without positives drop out (official: count 0)."""
     n = len(y)
     per_anchor = []
     for m in range(n):
         denom = sum(math.exp(_cos(t[m], im[k]) / tau) for k in range(n))
-        positives = [p for p in range(n) if y[p] == y[m] and (official or p != m)]
+        positives = [p for p in range(n) if y[p] == y[m] and (paired or p != m)]
         if not positives:
+            if official:
+                per_anchor.append(0.0)
             continue
         terms = [math.log(math.exp(_cos(t[m], im[p]) / tau) / denom) for p in positives]
         per_anchor.append(-sum(terms) / len(positives))
@@ -80,13 +83,50 @@ def test_supcon_compat_forms_differ_where_the_code_differs() -> None:
     assert paper.item() != pytest.approx(official.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("positives", ["paired", "printed"])
 @pytest.mark.parametrize("compat", ["paper", "official"])
-def test_supcon_cross_loss_matches_direct_formula(compat: str) -> None:
+def test_supcon_cross_loss_matches_direct_formula(compat: str, positives: str) -> None:
     torch.manual_seed(2)
     t = torch.randn(len(LABELS), 4, dtype=torch.float64)
     im = torch.randn(len(LABELS), 4, dtype=torch.float64)
-    got = supcon_cross_loss(t, im, torch.tensor(LABELS), tau=0.3, compat=compat)
-    assert got.item() == pytest.approx(direct_cross(t, im, LABELS, 0.3, compat == "official"), rel=1e-9)
+    got = supcon_cross_loss(t, im, torch.tensor(LABELS), tau=0.3, compat=compat, inter_positives=positives)
+    want = direct_cross(t, im, LABELS, 0.3, compat == "official", positives == "paired")
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_cross_loss_default_counts_the_paired_image_as_positive() -> None:
+    """The default is the official code's Eq. 6 (the paired image a positive) in both compat modes;
+    compat=official's cross loss is unchanged by the new setting."""
+    torch.manual_seed(4)
+    t, im = torch.randn(len(LABELS), 4, dtype=torch.float64), torch.randn(len(LABELS), 4, dtype=torch.float64)
+    y = torch.tensor(LABELS)
+    paired = direct_cross(t, im, LABELS, 0.3, official=False, paired=True)
+    assert supcon_cross_loss(t, im, y, 0.3).item() == pytest.approx(paired, rel=1e-9)
+    assert supcon_cross_loss(t, im, y, 0.3, compat="official").item() == pytest.approx(paired, rel=1e-9)
+    assert supcon_cross_loss(t, im, y, 0.3, inter_positives="printed").item() != pytest.approx(paired, rel=1e-6)
+    with pytest.raises(ValueError, match="inter_positives"):
+        supcon_cross_loss(t, im, y, 0.3, inter_positives="diagonal")
+
+
+def test_printed_mask_pushes_the_paired_image_away_and_paired_pulls_it() -> None:
+    """Why the default changed: with the printed mask 1[y_m = y_n, m != n], a text's own image sits
+    in the denominator only, so a gradient step lowers the paired similarity; with the paired image
+    among the positives, the same step raises it (the paper's "pulls image-text pairs closer")."""
+    torch.manual_seed(5)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    t0, im = torch.randn(6, 8), torch.randn(6, 8)
+
+    def paired_similarity_after_a_step(positives: str) -> tuple[float, float]:
+        t = t0.clone().requires_grad_(True)
+        supcon_cross_loss(t, im, y, 0.1, inter_positives=positives).backward()
+        before = F.cosine_similarity(t0, im).mean().item()
+        after = F.cosine_similarity(t.detach() - 0.05 * t.grad, im).mean().item()
+        return before, after
+
+    before, after_printed = paired_similarity_after_a_step("printed")
+    assert after_printed < before
+    _, after_paired = paired_similarity_after_a_step("paired")
+    assert after_paired > before
 
 
 def test_losses_scale_invariant_and_differentiable() -> None:

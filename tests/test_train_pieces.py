@@ -51,6 +51,26 @@ def test_warmup_then_linear_decay_and_steplr():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
 
 
+
+def test_cosine_and_constant_schedules_after_warmup():
+    """20 steps, warm-up over the first 5 (lr (s+1)/6), then half a cosine from 1 to 0 over the last
+    15 steps, or a constant 1: the values follow the formulas step by step."""
+    import math
+
+    warmup = [(s + 1) / 6 for s in range(5)]
+    cosine = _lrs(TrainConfig(epochs=2, warmup_ratio=0.25, scheduler="cosine"), 20)
+    assert cosine[:5] == pytest.approx(warmup)
+    assert cosine[5:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in range(5, 20)])
+    constant = _lrs(TrainConfig(epochs=2, warmup_ratio=0.25, scheduler="constant"), 20)
+    assert constant[:5] == pytest.approx(warmup) and constant[5:] == pytest.approx([1.0] * 15)
+    # Without warm-up the cosine starts at the full rate, stays above the linear decay for the first
+    # half and below it for the second, crossing it at mid-way (both 0.5).
+    no_warmup = _lrs(TrainConfig(epochs=2, warmup_ratio=0.0, scheduler="cosine"), 20)
+    linear = _lrs(TrainConfig(epochs=2, warmup_ratio=0.0, scheduler="linear"), 20)
+    assert no_warmup[0] == pytest.approx(1.0) and no_warmup[10] == pytest.approx(linear[10]) == pytest.approx(0.5)
+    assert all(c > l for c, l in zip(no_warmup[1:10], linear[1:10]))
+    assert all(c < l for c, l in zip(no_warmup[11:], linear[11:]))
+
 def test_checkpoint_round_trip(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

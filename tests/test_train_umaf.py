@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import job_main, wait_for_killed_driver_job
 from umaf import storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -65,12 +66,68 @@ def test_tiny_preset_trains_locally_and_beats_majority_baseline(ray_cluster, dem
     acc = sum(a == b for a, b in zip(preds["label"].to_pylist(), preds["pred"].to_pylist())) / 60
     assert acc == pytest.approx(test["accuracy"])
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "best" / "model.pt").is_file() and (out / "config.yaml").is_file()
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "model.json").is_file() and (out / "config.yaml").is_file()
     checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())
     assert 1 <= len(checkpoints) <= 2  # checkpoints_to_keep=2: best and latest
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["next_epoch"] == 4 and (checkpoints[-1] / "optimizer.pt").is_file()
 
+
+
+@pytest.mark.timeout(600)
+def test_best_checkpoint_is_the_best_dev_epoch_and_tests_that_model(ray_cluster, demo, encoder_cache, tmp_path):
+    """``best/model.safetensors`` and ``metrics.best_epoch`` are the epoch with the highest dev metric (here the
+    ``best_metric=accuracy`` override), and the final dev/test metrics come from that model, not the
+    last one. The last epoch is ruined on purpose (StepLR multiplies the learning rate by 1000 after
+    epoch 1), so the best epoch cannot be the last and the two models can be told apart."""
+    out = tmp_path / "run"
+    metrics = job_main("train")(["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=3",
+                                 "num_workers=1", "best_metric=accuracy", "scheduler=step", "step_size=2",
+                                 "gamma=1000"])
+    history = json.loads((out / "history.json").read_text())
+    dev = [h["dev_accuracy"] for h in history]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert dev[2] < max(dev[:2]), f"the 1000x learning rate did not ruin the last epoch: {dev}"
+    best = dev.index(max(dev))  # the loop keeps the first of equal values
+    assert metrics["best_metric"] == "accuracy" and metrics["best_epoch"] == best
+    assert all(h["best_epoch"] == dev.index(max(dev[:h["epoch"] + 1])) for h in history)
+    state = json.loads((out / "best" / "state.json").read_text())
+    assert state["epoch"] == best and state["metric"] == "accuracy" and state["value"] == pytest.approx(dev[best])
+    # The final evaluation loaded best/: its dev accuracy is the best epoch's, not the last's.
+    assert metrics["dev"]["accuracy"] == pytest.approx(dev[best]) and metrics["dev"]["accuracy"] != pytest.approx(dev[2])
+    preds = pq.read_table(out / "predictions" / "test.parquet")
+    acc = sum(a == b for a, b in zip(preds["label"].to_pylist(), preds["pred"].to_pylist())) / preds.num_rows
+    assert acc == pytest.approx(metrics["test"]["accuracy"])
+    assert metrics["test"]["accuracy"] > metrics["majority_baseline"]["test"]["accuracy"]
+
+
+def test_bad_training_inputs_stop_before_any_worker_starts(ray_cluster, demo, encoder_cache, tmp_path, capsys):
+    """A ``task`` the manifest does not label, and a split that ``missing_caption=drop`` empties (dev
+    ids have no caption here), end the job with a message naming the problem, before any training."""
+    import pyarrow.compute as pc
+
+    from umaf.caption.store import read_captions
+
+    train = job_main("train")
+    with pytest.raises(SystemExit) as exc:
+        train(["--model", "umaf", "--out", str(tmp_path / "bad-task"), *data_args(demo, encoder_cache)[:4],
+               "--task", "emotion", f"umaf.encoder_cache={encoder_cache}"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "task 'emotion' is not in manifest" in err and "sentiment" in err
+
+    captions = read_captions(demo["reference_captions"])
+    no_dev = captions.filter(pc.invert(pc.match_substring(captions["id"], "-dev-")))
+    assert 0 < no_dev.num_rows < captions.num_rows, "demo dev ids contain '-dev-'"
+    partial = tmp_path / "captions-no-dev"
+    partial.mkdir()
+    pq.write_table(no_dev, partial / "part-0.parquet")
+    with pytest.raises(SystemExit) as exc:
+        train(["--model", "umaf", "--out", str(tmp_path / "no-dev"), "--manifest", demo["manifest"],
+               "--captions", str(partial), "missing_caption=drop", f"umaf.encoder_cache={encoder_cache}"])
+    assert exc.value.code != 0
+    assert "no 'dev' rows left for training" in capsys.readouterr().err
+    assert not (tmp_path / "no-dev" / "metrics.json").exists() and not list((tmp_path / "no-dev").glob("checkpoint_*"))
 
 def _latest_checkpoint_state(run_uri: str) -> dict | None:
     snapshot_uri = storage.join(run_uri, "checkpoint_manager_snapshot.json")
@@ -108,7 +165,9 @@ def test_s3_run_folder_and_resume_after_driver_sigkill(ray_cluster, demo, encode
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     first.send_signal(signal.SIGKILL)
     first.wait()
-    time.sleep(5)  # the job's workers die with their driver
+    # The job's Train workers outlive their driver briefly and could still register a newer
+    # checkpoint: read "the latest" only once every actor of the killed job is gone.
+    wait_for_killed_driver_job(address, first.pid)
     state = _latest_checkpoint_state(run_uri)
     assert state is not None and state["next_epoch"] < 60
     killed_at = state["next_epoch"]
@@ -126,7 +185,7 @@ def test_s3_run_folder_and_resume_after_driver_sigkill(ray_cluster, demo, encode
     from pyarrow.fs import FileSelector
 
     names = {info.path[len(path) + 1:] for info in fs.get_file_info(FileSelector(path, recursive=True))}
-    assert {"metrics.json", "config.yaml", "data_report.json", "best/model.pt", "predictions/test.parquet"} <= names
+    assert {"metrics.json", "config.yaml", "data_report.json", "best/model.safetensors", "best/model.json", "predictions/test.parquet"} <= names
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     # one events file per driver run: the resumed run's scalars landed too
     assert len([n for n in names if n.startswith("tensorboard/events")]) == 2

@@ -49,6 +49,31 @@ def test_topk_with_fewer_real_tokens_than_k_uses_those_it_has():
     assert torch.allclose(topk_select(z, scores, mask, k=50, weighting="literal")[1], z[1].mean(0))
 
 
+def test_straight_through_topk_is_eq4_in_value_and_trains_the_scores():
+    """The default Top-K: forward value exactly Eq. 4's (1/K) sum_{i in TopK} Z_i (as 'literal'), and a
+    non-zero gradient for the scores (which 'literal' cannot give)."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 7, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0]])
+    logits = torch.randn(3, 7, requires_grad=True)
+    scores = torch.sigmoid(logits)
+    st = topk_select(z, scores, mask, k=4, weighting="straight_through")
+    literal = topk_select(z, scores, mask, k=4, weighting="literal")
+    assert torch.equal(st, literal)  # bit for bit, not just close
+    # Hand-computed Eq. 4 for row 0 (7 real tokens, K=4) and row 1 (3 real tokens: K' = 3).
+    assert torch.allclose(st[0], z[0, scores[0].topk(4).indices].mean(0))
+    assert torch.allclose(st[1], z[1, :3].mean(0))
+    assert not torch.allclose(topk_select(z, scores, mask, k=4, weighting="score"), literal)
+    (st * torch.randn_like(st)).sum().backward()
+    grad = logits.grad
+    assert grad.abs().sum() > 0
+    # Only the selected real tokens get a gradient: padding and unselected tokens stay at zero.
+    assert torch.all(grad[1, 3:] == 0)
+    unselected = torch.ones(7, dtype=torch.bool)
+    unselected[scores[0].topk(4).indices] = False
+    assert torch.all(grad[0, unselected] == 0) and torch.all(grad[0, ~unselected] != 0)
+
+
 def test_masked_mean_excludes_padding():
     z = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert masked_mean(z, torch.tensor([[1, 1, 0]])).item() == 2.0
@@ -56,14 +81,16 @@ def test_masked_mean_excludes_padding():
 
 def batch_of(model_tokenizer, texts, captions, max_length=24):
     encoded = PairEncoder(model_tokenizer, max_length).encode(texts, captions)
-    return {k: torch.as_tensor(v, dtype=torch.long) for k, v in encoded.items()}
+    # token_source says where each position came from (Figure 3's grouping); it is not a model input.
+    return {k: torch.as_tensor(v, dtype=torch.long) for k, v in encoded.items() if k != "token_source"}
 
 
 def test_gradient_reaches_scorer_by_default_but_not_with_literal_eq4(encoder_cache):
     tokenizer = load_tokenizer("tiny-random-bert", encoder_cache)
     inputs = batch_of(tokenizer, ["what a lovely day", "this is awful"], ["Scene: sun", None])
     labels = torch.tensor([2, 0])
-    for weighting, expect_grad in (("score", True), ("literal", False)):
+    assert UmafConfig().topk_weighting == "straight_through"
+    for weighting, expect_grad in (("straight_through", True), ("score", True), ("literal", False)):
         model = make_model(encoder_cache, top_k=3, topk_weighting=weighting)
         out = model(**inputs)
         umaf_loss(out, labels, model.cfg)["loss"].backward()

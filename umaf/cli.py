@@ -7,12 +7,20 @@ back a validated config, or exits with status 2 and a message naming the field b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import Any, Generic, TypeVar
 
-from umaf.config import ConfigError, ConfigT, describe_fields, dump_yaml, load_config
+from umaf.config import WORKDIR_ENV, ConfigError, ConfigT, describe_fields, dump_yaml, load_config
+from umaf.errors import UserError
+
+DEBUG_ENV = "UMAF_DEBUG"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass
@@ -46,7 +54,8 @@ def parse_job_args(
         prog=f"jobs/{job}.py",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any with key=value; nested keys are dotted):\n" + keys_help,
+        epilog="config keys (override any with key=value; nested keys are dotted):\n" + keys_help
+        + f"\n\nRelative local paths are relative to the working directory (or ${WORKDIR_ENV} when set).",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--preset", help="preset name under configs/%s/ (default: tiny)" % job)
@@ -62,8 +71,15 @@ def parse_job_args(
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit (no work is done)"
     )
+    if not any(flag.name == "--debug" for flag in flags):
+        parser.add_argument(
+            "--debug", action="store_true", help=f"show the traceback of input errors too (same as {DEBUG_ENV}=1)"
+        )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    ns = parser.parse_args(argv)
+    # Intermixed: flags may come after overrides (`... ray.address=X --resume`), as users type them.
+    ns = parser.parse_intermixed_args(argv)
+    if getattr(ns, "debug", None) is True and not any(flag.name == "--debug" for flag in flags):
+        os.environ[DEBUG_ENV] = "1"
     extra = {flag.key: getattr(ns, flag.key.replace(".", "__")) for flag in flags}
     try:
         config = load_config(
@@ -76,3 +92,84 @@ def parse_job_args(
         print(dump_yaml(config), end="")
         raise SystemExit(0)
     return JobArgs(config=config, namespace=ns, overrides=list(ns.overrides))
+
+
+def setup_logging() -> None:
+    """The job's log lines on stderr, one format for every job (a no-op when logging is set up)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def reported_errors(job: str) -> Iterator[None]:
+    """Bad input ends the job with one line naming what and what to do, and exit status 2.
+
+    :class:`~umaf.errors.UserError` (missing or unreachable URIs, refused credentials, a task the
+    manifest lacks...), :class:`~umaf.config.ConfigError` and a plain ``FileNotFoundError`` are
+    reported so; anything else is a bug: its traceback is printed and the job exits with status 1.
+    ``--debug``/``UMAF_DEBUG=1`` lets every error through with its traceback.
+    """
+    try:
+        yield
+    except (UserError, ConfigError, FileNotFoundError) as exc:
+        if debugging():
+            raise
+        cause = getattr(exc, "cause", None)  # raised inside a Ray task: Ray wraps it, the cause says it
+        message = str(cause if isinstance(cause, BaseException) else exc).strip()
+        print(f"jobs/{job}.py: error: {message}\n(--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception:
+        # A bug: print its traceback here rather than leave it to sys.excepthook. A driver connected to
+        # a Ray cluster has Ray's hook, which first reports the error to the GCS and, when the core
+        # worker is already shutting down, exits the process before the traceback is printed.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
+T = TypeVar("T")
+
+
+def run_ray_job(job: str, ray_cfg: Any, check: Callable[[], Any], work: Callable[[], T]) -> T:
+    """A Ray job's body: ``check()`` its inputs before Ray starts (a wrong URI is said in a second),
+    join or start Ray, ``work()``, and shut Ray down if this call started it; bad input in either
+    ends the job as :func:`reported_errors` says."""
+    import ray
+
+    from umaf.raycluster import connect_ray
+
+    with reported_errors(job):
+        check()
+    started = connect_ray(ray_cfg)
+    try:
+        with reported_errors(job):
+            return work()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A job's ``__main__``: run ``main()`` and exit with the status it chose.
+
+    A failed job exits by ``SystemExit`` (:func:`reported_errors`). Left to the interpreter, its exit
+    status is not reliable on a Ray driver: a Ray Data iterator abandoned by the error still has a
+    thread that touches the core worker after Ray's atexit shutdown, and Ray then ends the process with
+    status 1 ("The core worker has already been shutdown ... The process will exit"). So the status is
+    handed to the OS directly, after the output is flushed (Ray was already shut down by the job if
+    it started it; a joined cluster sees the driver leave).
+    """
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if code == 0:
+            raise
+        if not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -17,17 +17,22 @@ holds the machinery and the pieces every job shares.
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_DIR_ENV = "UMAF_CONFIG_DIR"
 DEFAULT_PRESET = "tiny"
+# The folder relative local paths are relative to; default: the process's working directory.
+WORKDIR_ENV = "UMAF_WORKDIR"
+
+log = logging.getLogger("umaf.config")
 
 
 def config_dir() -> Path:
@@ -42,10 +47,70 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who typed it."""
 
 
+# --------------------------------------------------------------------------------------------
+# Paths: a path means what the user meant
+
+
+def _under_ray_job_submit() -> bool:
+    """True in the driver of ``ray job submit``: Ray sets this variable only there."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+_warned: set[str] = set()
+
+
+def absolute_path(value: str | None) -> str | None:
+    """A local path made absolute against the user's folder; URIs (``s3://``...) are left alone.
+
+    Done once, on the driver, when the config is validated: Ray workers run in other folders (a
+    Train worker's working directory is a Ray session folder), so a relative path handed to them
+    would land somewhere else on every process. Relative paths are relative to ``$UMAF_WORKDIR``
+    when set, else to the working directory. Under ``ray job submit --working-dir .`` that working
+    directory is Ray's temporary copy of the uploaded folder on the head node, so there a relative
+    output path is resolved but also called out (see the README: set ``UMAF_WORKDIR`` or give
+    absolute paths / ``s3://`` to keep outputs).
+    """
+    if value is None or "://" in value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    base = os.environ.get(WORKDIR_ENV) or os.getcwd()
+    resolved = os.path.normpath(os.path.join(base, path))
+    if _under_ray_job_submit() and not os.environ.get(WORKDIR_ENV) and value not in _warned:
+        _warned.add(value)
+        log.warning("relative path %r means %s, inside this job's copy of the working dir; set %s "
+                    "(or give an absolute path or s3://) to put it elsewhere", value, resolved, WORKDIR_ENV)
+    return resolved
+
+
+def model_reference(value: str | None) -> str | None:
+    """A model given by hub id (``roberta-base``), built-in name (``tiny``) or local folder: only a
+    local folder (it exists, or is written as a path) is made absolute, like :func:`absolute_path`."""
+    if value is None or "://" in value:
+        return value
+    looks_like_path = value.startswith((".", "/", "~")) or os.path.isdir(
+        os.path.join(os.environ.get(WORKDIR_ENV) or os.getcwd(), value))
+    return absolute_path(value) if looks_like_path else value
+
+
+# A local path or URI field of a config: made absolute at validation (defaults included).
+PathOrUri = Annotated[str, AfterValidator(absolute_path)]
+# A hub id, a built-in model name or a local model folder.
+ModelRef = Annotated[str, AfterValidator(model_reference)]
+
+
+def comma_separated(value: Any) -> Any:
+    """A list field given as one string on the command line (``--stages caption,train``) → its items."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # validate_default: path defaults (./outputs/...) are made absolute like given paths.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              protected_namespaces=())
 
 
 class RayConfig(StrictModel):
@@ -104,6 +169,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def with_base_preset(job: str, data: dict[str, Any], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``extends: NAME`` in a preset or config file: start from preset NAME of the same job and apply
+    this file's keys over it (nested sections merged key by key), so a family of presets (UMAF's
+    Table 3 rows) states only what differs from the one they extend."""
+    name = data.pop("extends", None)
+    if name is None:
+        return data
+    if name in seen:
+        raise ConfigError(f"presets extend each other in a loop: {' -> '.join((*seen, name))}")
+    base = with_base_preset(job, read_yaml(preset_path(job, name)), (*seen, name))
+    return _merged(base, data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` → (["a", "b"], parsed value). Values are YAML, so ``1e-4`` is a float."""
     key, sep, raw = text.partition("=")
@@ -150,8 +235,11 @@ def _leaf_types(model: type[BaseModel], path: list[str]) -> list[Any] | None:
         return None
     annotation = current.model_fields[path[-1]].annotation
     if get_origin(annotation) in (typing.Union, types.UnionType):
-        return [a for a in get_args(annotation) if a is not type(None)]
-    return [annotation]
+        found = [a for a in get_args(annotation) if a is not type(None)]
+    else:
+        found = [annotation]
+    # PathOrUri | None is Optional[Annotated[str, ...]]: the type is what is annotated.
+    return [get_args(a)[0] if get_origin(a) is Annotated else a for a in found]
 
 
 def _typed_text(model: type[BaseModel], path: list[str], value: Any, raw: str) -> Any:
@@ -241,11 +329,11 @@ def load_config(
     if preset and config_file:
         raise ConfigError("give either --preset or --config, not both")
     if config_file:
-        data = read_yaml(config_file)
+        data = with_base_preset(job, read_yaml(config_file))
         source = f"config {config_file}"
     else:
         name = preset or DEFAULT_PRESET
-        data = read_yaml(preset_path(job, name))
+        data = with_base_preset(job, read_yaml(preset_path(job, name)))
         source = f"preset {name!r} ({job})"
     for key, value in (extra or {}).items():
         if value is not None:
@@ -263,6 +351,8 @@ def load_config(
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
     if origin is Literal:
         return "|".join(str(a) for a in get_args(annotation))
     if origin in (typing.Union, types.UnionType):

@@ -14,6 +14,8 @@ losses (cross-entropy) stay local: DDP's mean of per-rank means is the global me
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -55,7 +57,11 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     sizes = _gathered_sizes(tensor.shape[0], tensor.device)
     padded = _pad_rows(tensor, max(sizes))
-    parts = dist_nn.all_gather(padded)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates it in favour of private functional collectives; it is still the
+        # public differentiable all-gather, and the warning would repeat every step in every worker.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        parts = dist_nn.all_gather(padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
 
 

@@ -40,6 +40,7 @@ def uniformity_loss(z: torch.Tensor, tau: float) -> torch.Tensor:
 # rows and reduces its counts across ranks itself, so that the decision is one for all ranks.
 
 SPPSCL_COMPAT = ("paper", "official")
+INTER_POSITIVES = ("paired", "printed")
 
 
 def _check_compat(compat: str) -> None:
@@ -97,24 +98,34 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, tau: float = 0.07, compat: str
 
 
 def supcon_cross_loss(
-    t: torch.Tensor, i: torch.Tensor, y: torch.Tensor, tau: float = 0.07, compat: str = "paper"
+    t: torch.Tensor, i: torch.Tensor, y: torch.Tensor, tau: float = 0.07, compat: str = "paper",
+    inter_positives: str = "paired",
 ) -> torch.Tensor:
     """Inter-modal supervised contrastive loss L_clm (SPP-SCL Eq. 6): text anchors against images.
 
-    Anchor m is text ``t[m]``; its positives are the images ``i[n]`` with the same label, excluding
-    its own paired image (the paper's Inter-Mask ``1[y_m=y_n, m≠n]``); the denominator sums over all
-    B images (``t=1..B``, the paired one included). Anchors without positives drop out of the mean.
+    Anchor m is text ``t[m]``; the denominator sums over all B images (``t=1..B``, its paired image
+    included); its positives are the images ``i[n]`` with the same label:
 
-    ``compat="official"``: the official code's mask keeps the diagonal, so the paired image is a
-    positive too (every anchor then has one).
+    - ``inter_positives="paired"`` (default): the paired image ``i[m]`` is one of them. The paper's
+      text says L_clm "pulls image-text pairs of the same sentiment class closer", and the official
+      code's mask keeps the diagonal. Every anchor then has a positive.
+    - ``"printed"``: Eq. 6's Inter-Mask as printed, ``1[y_m=y_n, m≠n]``. The paired image is then in
+      the denominator only, so the gradient always LOWERS the paired similarity (the printed
+      ``m≠n`` is almost surely the intra-modal mask's ``i≠j`` carried over). Anchors whose label no
+      other sample shares have no positive and drop out of the mean.
+
+    ``compat="official"``: anchors without positives count as zero in the mean over all B anchors
+    (only possible with ``"printed"``); with the default ``"paired"`` it is the official loss.
     """
     _check_compat(compat)
+    if inter_positives not in INTER_POSITIVES:
+        raise ValueError(f"inter_positives must be one of {INTER_POSITIVES}, got {inter_positives!r}")
     t = F.normalize(t, dim=-1)
     i = F.normalize(i, dim=-1)
     y = y.reshape(-1)
     logits = t @ i.T / tau
     positives = y[:, None] == y[None, :]
-    if compat != "official":
+    if inter_positives == "printed":
         positives = positives & ~torch.eye(len(t), dtype=torch.bool, device=t.device)
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     return _mean_log_prob_over_positives(log_prob, positives, count_anchors_without_positives=compat == "official")
@@ -132,9 +143,13 @@ def needs_inter_alignment(
     ``c < alpha * c_mask``: few pairs are less similar than the paired ones, i.e. the modalities are
     not yet aligned by label.
 
-    Paper form: cosine similarity (the features are "ℓ2-normalised"), Inter-Mask without the
-    diagonal. ``compat="official"``: ``sigmoid(T @ I^T)`` of the raw features, the mask's diagonal
-    counted, and the threshold truncated to an integer (``count < int(mask * 2/3)``).
+    ``compat`` picks the check (``SppSclConfig.alignment_check``), independently of Eq. 6's positives:
+    paper form: cosine similarity (the features are "ℓ2-normalised"), ``c_mask`` counts the printed
+    Inter-Mask (no diagonal). ``compat="official"``: ``sigmoid(T @ I^T)`` of the raw features, the
+    mask's diagonal counted, and the threshold truncated to an integer (``count < int(mask * 2/3)``).
+    The two fire at very different rates for the same alpha (on random batches the official one
+    fired 14/300, the paper one 0/300); the paper's alpha = 2/3 (Table 2, Fig. 5) was tuned with the
+    released code, i.e. the official check.
 
     Under DDP each rank counts its own rows of S against the gathered images, the counts and the
     diagonal sum are all-reduced, and every rank compares the same integers: the decision is one

@@ -1,4 +1,4 @@
-"""The whole chain prepare → caption → train → tune as one job, each stage skipping what is done.
+"""The whole chain prepare → caption → train → predict → tune as one job, each stage skipping what is done.
 
 ``jobs/pipeline.py`` is thin wiring around this module: here live the config (:class:`PipelineConfig`),
 where each stage reads and writes (:func:`stage_uris`), the command line each stage's job gets
@@ -11,6 +11,8 @@ Layout under ``out`` (a local folder or ``s3://bucket/prefix``)::
     <out>/manifest/                 prepare   (+ images/ and reference_captions/ for the demo set)
     <out>/captions/                 caption   (the caption job skips ids already captioned)
     <out>/runs/<train.name>/        train     (skipped once metrics.json exists)
+    <out>/predictions/<train.name>/ predict   (the run on the manifest's test split; the predict job
+                                               skips ids already predicted)
     <out>/sweeps/<sweep name>/      tune      (skipped once results.parquet exists)
 """
 
@@ -21,10 +23,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from umaf import storage
-from umaf.config import ConfigError, RayConfig, StorageConfig, StrictModel
+from umaf.config import ConfigError, PathOrUri, RayConfig, StorageConfig, StrictModel, comma_separated
 
-Stage = Literal["prepare", "caption", "train", "tune"]
-STAGES: tuple[Stage, ...] = ("prepare", "caption", "train", "tune")
+Stage = Literal["prepare", "caption", "train", "predict", "tune"]
+STAGES: tuple[Stage, ...] = ("prepare", "caption", "train", "predict", "tune")
 
 
 class StageOptions(StrictModel):
@@ -43,9 +45,9 @@ class TrainStageOptions(StageOptions):
 
 
 class PipelineConfig(StrictModel):
-    """``jobs/pipeline.py``: run prepare → caption → train → tune on one dataset into one folder."""
+    """``jobs/pipeline.py``: run prepare → caption → train → predict → tune on one dataset into one folder."""
 
-    out: str = Field("./outputs/pipeline", description="root of every stage's output (local folder or s3://)")
+    out: PathOrUri = Field("./outputs/pipeline", description="root of every stage's output (local folder or s3://)")
     stages: list[Stage] = Field(
         default_factory=lambda: list(STAGES), description="stages to run, in pipeline order (e.g. --stages caption,train)"
     )
@@ -54,6 +56,7 @@ class PipelineConfig(StrictModel):
     prepare: StageOptions = Field(default_factory=StageOptions)
     caption: StageOptions = Field(default_factory=StageOptions)
     train: TrainStageOptions = Field(default_factory=TrainStageOptions)
+    predict: StageOptions = Field(default_factory=StageOptions)
     tune: StageOptions = Field(default_factory=StageOptions)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -61,9 +64,7 @@ class PipelineConfig(StrictModel):
     @field_validator("stages", mode="before")
     @classmethod
     def _split_stages(cls, value: Any) -> Any:
-        """``--stages caption,train`` arrives as one string."""
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        value = comma_separated(value)  # --stages caption,train
         if isinstance(value, list):
             unknown = [s for s in value if s not in STAGES]
             if unknown:
@@ -84,6 +85,7 @@ def stage_uris(cfg: PipelineConfig) -> dict[str, str]:
         "manifest": storage.join(out, "manifest"),
         "captions": storage.join(out, "captions"),
         "train": storage.join(out, "runs", cfg.train.name),
+        "predictions": storage.join(out, "predictions", cfg.train.name),
         "sweeps": storage.join(out, "sweeps"),
     }
 
@@ -107,6 +109,11 @@ def stage_argv(cfg: PipelineConfig, stage: Stage) -> list[str]:
         argv += ["--out", uris["manifest"]]
     elif stage == "caption":
         argv += ["--manifest", uris["manifest"], "--out", uris["captions"]]
+    elif stage == "predict":
+        # The run's own captions policy and tokenisation come from the run; captions for UMAF runs
+        # (a text-only or SPP-SCL run ignores them).
+        argv += ["--run", uris["train"], "--manifest", uris["manifest"], "--captions", uris["captions"],
+                 "--out", uris["predictions"]]
     else:
         argv += ["--model", cfg.model, "--manifest", uris["manifest"], "--captions", uris["captions"]]
         if cfg.task:
@@ -128,11 +135,12 @@ def stage_config(stage: Stage, argv: list[str], flags: list) -> Any:
     from umaf.caption.config import CaptionConfig
     from umaf.cli import parse_job_args
     from umaf.data.config import PrepareConfig
+    from umaf.predict.config import PredictConfig
     from umaf.train.config import TrainConfig
     from umaf.tune.config import TuneConfig
 
-    models = {"prepare": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig, "tune": TuneConfig}
-    argv = [a for a in argv if a != "--resume"]  # jobs/tune.py takes --resume before parsing
+    models = {"prepare": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig, "predict": PredictConfig,
+              "tune": TuneConfig}
     config = parse_job_args(stage, models[stage], argv, flags=flags).config
     if stage == "tune":
         try:
@@ -146,8 +154,8 @@ def stage_config(stage: Stage, argv: list[str], flags: list) -> Any:
 def stage_done(cfg: PipelineConfig, stage: Stage, stage_cfg: Any) -> str | None:
     """Why ``stage`` has nothing left to do (its output already holds the work), or None to run it.
 
-    The caption stage is never skipped here: the caption job itself skips ids already captioned, so
-    re-running it is cheap and also picks up rows added to the manifest since.
+    The caption and predict stages are never skipped here: their jobs skip ids already done, so
+    re-running them is cheap and also picks up rows added to the manifest since.
     """
     kw = cfg.storage_kw
     if stage == "prepare":
@@ -162,17 +170,62 @@ def stage_done(cfg: PipelineConfig, stage: Stage, stage_cfg: Any) -> str | None:
     return None
 
 
+def stage_output(stage: Stage, stage_cfg: Any) -> str:
+    """Where the stage's job writes (the folder a user opens afterwards)."""
+    if stage == "tune":
+        return storage.join(stage_cfg.out, stage_cfg.name)
+    return stage_cfg.out
+
+
 def stage_summary(stage: Stage, result: Any) -> dict[str, Any]:
-    """A few JSON-able facts from a stage job's return value, for the pipeline's summary."""
+    """A few JSON-able facts from a stage job's return value, for the pipeline's summary; ``rows`` is
+    how much the stage handled (pairs prepared / captioned / trained on, trials run)."""
     if not isinstance(result, dict):
         return {}
     if stage == "prepare":
         return {"dataset": result.get("dataset"), "manifest": result.get("manifest"),
                 "rows": (result.get("counts") or {}).get("total")}
     if stage == "caption":
-        return {k: result[k] for k in ("selected", "skipped", "captioned", "this_run", "dataset_status") if k in result}
+        return {"rows": result.get("captioned"),
+                **{k: result[k] for k in ("selected", "skipped", "captioned", "this_run", "dataset_status") if k in result}}
+    if stage == "predict":
+        return {"rows": result.get("predicted"),
+                **{k: result[k] for k in ("selected", "skipped", "this_run", "metrics") if k in result}}
     if stage == "train":
         test = result.get("test", {})
-        return {"best_epoch": result.get("best_epoch"), "test_accuracy": test.get("accuracy"),
-                "test_weighted_f1": test.get("weighted_f1"), "test_macro_f1": test.get("macro_f1")}
-    return {k: v for k, v in result.items() if k not in ("rows", "summary") and isinstance(v, (str, int, float))}
+        used = ((result.get("data") or {}).get("rows_used") or {})
+        return {"rows": sum(used.values()) if used else None, "best_epoch": result.get("best_epoch"),
+                "test_accuracy": test.get("accuracy"), "test_weighted_f1": test.get("weighted_f1"),
+                "test_macro_f1": test.get("macro_f1")}
+    facts = {k: v for k, v in result.items() if k not in ("rows", "summary") and isinstance(v, (str, int, float))}
+    return {"rows": len(result.get("rows") or []), **facts}
+
+
+def _outcome(stage: str, facts: dict[str, Any]) -> str:
+    if facts.get("status") == "skipped":
+        return facts.get("reason", "")
+    if stage == "caption" and facts.get("this_run"):
+        return ", ".join(f"{status} {n}" for status, n in facts["this_run"].items())
+    if stage == "train" and facts.get("test_weighted_f1") is not None:
+        best = facts.get("best_epoch")
+        return (f"best epoch {best + 1 if isinstance(best, int) else '?'}: test acc {facts['test_accuracy']:.3f}, "
+                f"weighted F1 {facts['test_weighted_f1']:.3f}")
+    if stage == "predict" and facts.get("metrics"):
+        return "; ".join(f"{split}: acc {m['accuracy']:.3f}, weighted F1 {m['weighted_f1']:.3f}"
+                         for split, m in facts["metrics"].items() if m.get("n"))
+    if stage == "tune" and facts.get("best_config"):
+        return f"best config: {facts['best_config']}"
+    return ""
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The closing table of a pipeline run: stage, status, rows, seconds, output, outcome."""
+    header = ("stage", "status", "rows", "seconds", "output", "outcome")
+    lines = [header]
+    for stage, facts in summary["stages"].items():
+        rows = facts.get("rows")
+        lines.append((stage, facts.get("status", ""), "" if rows is None else str(rows),
+                      f"{facts['seconds']:.0f}" if "seconds" in facts else "", facts.get("output", ""),
+                      _outcome(stage, facts)))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in lines)

@@ -23,12 +23,16 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from umaf.errors import UserError
+
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 # What a driver forwards to the Ray processes that read and write its data: where the store is,
 # never who you are. Credentials stay with each node's own AWS chain (instance role, IRSA, its
 # environment): in a runtime env they would be shown to anyone who opens the Ray dashboard.
 FORWARDED_ENV_VARS = (*ENDPOINT_ENV_VARS, *REGION_ENV_VARS, "AWS_PROFILE")
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 5.0
 
 
 def forwarded_env() -> dict[str, str]:
@@ -61,6 +65,10 @@ def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileS
         kwargs["region"] = region
     elif endpoint_url:
         kwargs["region"] = "us-east-1"  # custom endpoints ignore it, but pyarrow would ask AWS otherwise
+    # Bounded retries with backoff (the AWS SDK's standard strategy): a store that is down fails the
+    # call within seconds instead of hanging a job; a brief blip is retried.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    kwargs["connect_timeout"] = S3_CONNECT_TIMEOUT_S
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -89,6 +97,50 @@ def resolve(
         scheme = text.split("://", 1)[0]
         raise ValueError(f"unsupported URI scheme {scheme!r} in {text!r}: use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+class StorageError(UserError):
+    """A URI that does not exist, cannot be reached or refuses us, said so the user can act on it."""
+
+
+def explain(uri: str, exc: BaseException, what: str = "") -> str:
+    """One sentence for a failed read or write of ``uri``: what went wrong and what to do."""
+    text = str(exc)
+    name = f"{what} {uri}" if what else uri
+    if is_s3(uri):
+        endpoint = _env_first(ENDPOINT_ENV_VARS) or "AWS S3"
+        if "NETWORK_CONNECTION" in text or "curlCode" in text or "timed out" in text.lower():
+            return (f"{name}: cannot reach the S3 endpoint {endpoint}. Is the store up? Check "
+                    "storage.endpoint_url / AWS_ENDPOINT_URL and the network, then rerun (finished work is kept).")
+        if any(code in text for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                                          "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+            return (f"{name}: the S3 store ({endpoint}) refused our credentials. Check the AWS credential chain "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, the node's instance role) and its "
+                    "permissions on this bucket.")
+        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+            return f"{name}: the bucket does not exist on {endpoint}. Create it, or fix the URI."
+    if isinstance(exc, FileNotFoundError) or "No such file" in text or "does not exist" in text:
+        return f"{name} does not exist. Check the path (relative paths are relative to the working directory)."
+    return f"{name}: {text}"
+
+
+def require(uri: str, what: str, hint: str = "", **kw: Any) -> None:
+    """Raise :class:`StorageError` unless ``uri`` exists and can be reached (a clear message up front,
+    instead of a traceback from deep inside a reader)."""
+    try:
+        found = exists(uri, **kw)
+    except OSError as exc:
+        raise StorageError(explain(uri, exc, what)) from exc
+    if not found:
+        raise StorageError(f"{what} {uri} does not exist{': ' + hint if hint else '.'}")
+
+
+def require_folder(uri: str, what: str, **kw: Any) -> None:
+    """Create the output folder ``uri`` (and parents), or raise :class:`StorageError` saying why not."""
+    try:
+        makedirs(uri, **kw)
+    except OSError as exc:
+        raise StorageError(explain(uri, exc, what)) from exc
 
 
 def join(uri: str, *parts: str) -> str:

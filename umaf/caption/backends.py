@@ -28,9 +28,11 @@ from umaf.caption.config import TINY_MODEL, CaptionConfig
 from umaf.caption.fields import caption_json_schema
 from umaf.caption.parse import parse_caption
 from umaf.caption.prompt import PROMPT_VERSION, render_prompt
-from umaf.caption.store import STATUS_ERROR
+from umaf.caption.store import CAPTION_SCHEMA, STATUS_ERROR
 
 log = logging.getLogger("umaf.caption")
+
+CAPTION_ROW_KEYS = tuple(CAPTION_SCHEMA.names)
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,9 @@ def vllm_engine_kwargs(config: CaptionConfig) -> dict[str, Any]:
         "gpu_memory_utilization": v.gpu_memory_utilization,
         "tensor_parallel_size": v.tensor_parallel_size,
         "mm_processor_kwargs": mm_kwargs,
-        "limit_mm_per_prompt": {"image": 1},
+        # One image per prompt and no video: vLLM sizes its multimodal profiling run and encoder
+        # cache from these limits, so an unused modality left at its default wastes GPU memory.
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
         "trust_remote_code": False,
     }
     if v.max_num_seqs is not None:
@@ -210,30 +214,41 @@ def vllm_engine_kwargs(config: CaptionConfig) -> dict[str, Any]:
 def vllm_processor_config(config: CaptionConfig):
     """The ``ray.data.llm.vLLMEngineProcessorConfig`` for this job (constructible without vLLM installed).
 
-    One replica per ``tensor_parallel_size`` GPUs, ``actors.min_actors..max_actors`` replicas;
-    ``should_continue_on_error`` so a failing row comes back with ``__inference_error__`` instead of
-    killing the job; ``prepare_multimodal_stage`` turns the image content into vLLM multimodal inputs.
+    - Replicas: ``concurrency=(actors.min_actors, actors.max_actors)`` always as a pair. An int ``n``
+      means an autoscaling pool ``(1, n)`` in ray's processor (``ProcessorConfig.get_concurrency``),
+      which starts one engine and adds the others only under backpressure, minutes each; equal
+      bounds give a fixed pool that starts every replica at once.
+    - ``vllm.replica_resources`` (e.g. ``{caption_node: 1}``) go into each replica's bundle (one per
+      GPU), so replicas only land on nodes that offer them.
+    - ``should_continue_on_error``: a failing request comes back as a row with
+      ``__inference_error__`` instead of failing the job (see :func:`vllm_error_to_caption`).
+    - The CPU stages (multimodal prep, chat template, tokenize, detokenize) are actor pools of
+      ``1..vllm.cpu_stage_actors`` (default ``actors.max_actors``) actors.
     """
     from ray.data.llm import vLLMEngineProcessorConfig
 
     if config.model == TINY_MODEL:
         raise ValueError("backend=vllm needs a real model (model=Qwen/Qwen2.5-VL-7B-Instruct or a path); "
                          "'tiny' is the hf backend's test model")
-    a = config.actors
-    concurrency = a.max_actors if a.min_actors == a.max_actors else (a.min_actors, a.max_actors)
+    a, v = config.actors, config.vllm
+    cpu_stage = {"enabled": True, "concurrency": (1, v.cpu_stage_actors or a.max_actors)}
     kwargs: dict[str, Any] = dict(
         model_source=config.model,
         engine_kwargs=vllm_engine_kwargs(config),
         batch_size=a.batch_size,
-        concurrency=concurrency,
+        concurrency=(a.min_actors, a.max_actors),
+        max_concurrent_batches=v.max_concurrent_batches,
         should_continue_on_error=True,
-        prepare_multimodal_stage={"enabled": True},
-        chat_template_stage={"enabled": True},
-        tokenize_stage={"enabled": True},
-        detokenize_stage={"enabled": True},
+        prepare_multimodal_stage=dict(cpu_stage),
+        chat_template_stage=dict(cpu_stage),
+        tokenize_stage=dict(cpu_stage),
+        detokenize_stage=dict(cpu_stage),
     )
-    if config.vllm.accelerator_type:
-        kwargs["accelerator_type"] = config.vllm.accelerator_type
+    if v.replica_resources:
+        kwargs["placement_group_config"] = {
+            "bundle_per_worker": {"CPU": 1, "GPU": 1, **v.replica_resources}, "strategy": "PACK"}
+    if v.accelerator_type:
+        kwargs["accelerator_type"] = v.accelerator_type
     return vLLMEngineProcessorConfig(**kwargs)
 
 
@@ -249,12 +264,23 @@ def vllm_sampling_params(config: CaptionConfig) -> dict[str, Any]:
     return params
 
 
+# Ray's error-row marker (ray/llm/_internal/batch/stages/base.py: every stage skips a row whose
+# ``__inference_error__`` is not "", and ``wrap_postprocess`` returns it without calling ours).
+INFERENCE_ERROR = "__inference_error__"
+
+
 def vllm_request(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
     """``build_processor`` preprocess: one loaded-image row → chat messages + sampling parameters.
 
-    The image goes in as a base64 JPEG data URL (already downscaled by the CPU stage), which vLLM's
-    chat parser accepts for every multimodal model; the pair's id and image hash ride along.
+    The image goes in as a base64 JPEG data URL (already sized for the model by the CPU stage),
+    which vLLM's chat parser accepts for every multimodal model; the pair's id and image hash ride
+    along. A row whose image could not be loaded gets ray's error marker instead of a request:
+    every stage of the processor passes it through untouched (no engine call), and it comes out
+    as an error row like an engine failure, in the same single pass over the data.
     """
+    if row.get("error") is not None or not row.get("image_jpeg"):
+        return {INFERENCE_ERROR: f"image: {row.get('error') or 'no image'}", "id": row["id"],
+                "image_sha256": row.get("image_sha256")}
     data_url = "data:image/jpeg;base64," + base64.b64encode(row["image_jpeg"]).decode("ascii")
     return {
         "messages": [
@@ -266,23 +292,43 @@ def vllm_request(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
         "sampling_params": vllm_sampling_params(config),
         "id": row["id"],
         "image_sha256": row["image_sha256"],
+        # Set on every row so the column has one type ("" = no error); a row without it would read
+        # back as None, which ray's stages take for an error.
+        INFERENCE_ERROR: "",
     }
 
 
 def vllm_output_to_caption(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
-    """``build_processor`` postprocess: a vLLM output row → a caption row (errors kept, never raised)."""
-    sampling_json = config.sampling.as_json()
-    error = row.get("__inference_error__") or None
-    if error:
-        return caption_row(row["id"], model=model_label(config), sampling_json=sampling_json,
-                           image_sha256=row.get("image_sha256"), error=f"inference failed: {error}")
+    """``build_processor`` postprocess: a successful vLLM output row → a caption row.
+
+    Ray calls it only for rows without an error (error rows bypass it, see
+    :func:`vllm_error_to_caption`). Ray's output row has no finish reason
+    (``vLLMOutputData`` keeps text, tokens and counts), so a generation is taken as cut off when it
+    used all of ``max_tokens``.
+    """
     tokens = int(row.get("num_generated_tokens") or 0)
-    finish = row.get("finish_reason")
-    truncated = finish == "length" if finish is not None else tokens >= config.sampling.max_tokens
-    generation = Generation(raw=row.get("generated_text") or "", output_tokens=tokens, truncated=truncated)
-    return caption_row(row["id"], model=model_label(config), sampling_json=sampling_json,
+    generation = Generation(raw=row.get("generated_text") or "", output_tokens=tokens,
+                            truncated=tokens >= config.sampling.max_tokens)
+    return caption_row(row["id"], model=model_label(config), sampling_json=config.sampling.as_json(),
                        image_sha256=row.get("image_sha256"), generation=generation,
                        max_field_chars=config.max_field_chars)
+
+
+def vllm_error_to_caption(row: dict[str, Any], *, model: str, sampling_json: str) -> dict[str, Any]:
+    """A processor output row → a caption row, whichever kind it is.
+
+    ``wrap_postprocess`` hands back an error row as ray's whole internal row (our input columns,
+    the request, ``__inference_error__``) without calling our postprocess; here it becomes a
+    ``status=error`` caption row naming the reason: the image-stage error for a row that never
+    reached the engine, else ``inference failed: <vLLM's error>``. Success rows (already caption
+    rows) only lose the marker.
+    """
+    error = row.get(INFERENCE_ERROR) or ""
+    if not error:
+        return {name: row.get(name) for name in CAPTION_ROW_KEYS}
+    reason = row.get("error") if error.startswith("image: ") and row.get("error") else f"inference failed: {error}"
+    return caption_row(row["id"], model=model, sampling_json=sampling_json,
+                       image_sha256=row.get("image_sha256"), error=reason)
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

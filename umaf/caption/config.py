@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from umaf.config import RayConfig, StorageConfig, StrictModel
+from umaf.config import ModelRef, PathOrUri, RayConfig, StorageConfig, StrictModel
 
 TINY_MODEL = "tiny"  # model name that means: the tiny random-weight LLaVA built by umaf.caption.tiny_vlm
 
@@ -47,6 +47,19 @@ class VLLMConfig(StrictModel):
     min_pixels: int | None = Field(None, description="mm_processor_kwargs.min_pixels")
     max_num_seqs: int | None = Field(None, description="engine max_num_seqs (None: vLLM default)")
     accelerator_type: str | None = Field(None, description="e.g. 'A10G', 'H100' to pin replicas to a GPU type")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica asks for per GPU, e.g. {caption_node: 1} to keep replicas "
+        "on the caption node type (cluster/aws.yaml, KubeRay gpu-caption group)",
+    )
+    max_concurrent_batches: int = Field(
+        8, ge=1, description="batches in flight per replica (ray.data.llm): keeps the engine's queue full"
+    )
+    cpu_stage_actors: int | None = Field(
+        None, ge=1,
+        description="max actors of each ray.data.llm CPU stage (multimodal prep, chat template, tokenize, "
+        "detokenize); None = actors.max_actors",
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
 
 
@@ -54,6 +67,17 @@ class ImageConfig(StrictModel):
     """The CPU stage that loads images before the VLM actors see them."""
 
     max_side: int = Field(768, ge=16, description="downscale so the longest side is at most this (pixels)")
+    max_area: int | None = Field(
+        None, ge=28 * 28, description="downscale so width x height is at most this (the model's pixel budget)"
+    )
+    multiple_of: int = Field(
+        1, ge=1, description="round both sides to a multiple of this (28: Qwen2-VL's grid, so vLLM resizes nothing)"
+    )
+    min_side: int = Field(1, ge=1, description="pad (black) so the short side is at least this")
+    max_aspect_ratio: float = Field(
+        100.0, ge=1.0, le=200.0,
+        description="pad so long/short is at most this (Qwen2-VL's processor rejects ratios above 200)",
+    )
     max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="larger image files are 'error' rows")
     max_pixels: int = Field(
         64_000_000, ge=1024, description="decoded width×height above this is 'error' (decompression bombs)"
@@ -79,25 +103,38 @@ class ActorsConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    """How captions reach storage: the driver writes a Parquet file every ``rows_per_file`` rows or
+    every ``flush_seconds``, whichever comes first, so a killed run loses at most one file's worth
+    plus the rows in flight."""
+
     rows_per_file: int = Field(
-        5000, ge=1, description="minimum rows per Parquet file (fewer only at the end of a run): no tiny files on S3"
+        500, ge=1, le=5000, description="rows per Parquet file at most (a file is written as soon as it is full)"
+    )
+    flush_seconds: float = Field(
+        30.0, gt=0.0, le=600.0, description="write buffered rows at least this often, even if fewer than rows_per_file"
+    )
+    write_attempts: int = Field(
+        5, ge=1, le=20, description="tries per file before the job fails with the storage error (backoff 1, 2, 4... s)"
+    )
+    progress_every_s: float = Field(
+        10.0, gt=0.0, description="seconds between the driver's progress lines (pairs captioned, rate, ETA)"
     )
 
 
 class CaptionConfig(StrictModel):
     """``jobs/caption.py``: caption a manifest's pairs with a VLM into a captions dataset."""
 
-    manifest: str | None = Field(
+    manifest: PathOrUri | None = Field(
         None, description="manifest URI; None = the demo dataset, generated under demo_dir on first use"
     )
-    out: str = Field("./outputs/demo/captions", description="captions dataset URI (local folder or s3://)")
-    demo_dir: str = Field("./outputs/demo", description="where the demo dataset is written when manifest is None")
+    out: PathOrUri = Field("./outputs/demo/captions", description="captions dataset URI (local folder or s3://)")
+    demo_dir: PathOrUri = Field("./outputs/demo", description="where the demo dataset is written when manifest is None")
     splits: list[Literal["train", "dev", "test"]] | None = Field(None, description="caption only these splits")
     limit: int | None = Field(None, ge=1, description="caption only the first N selected rows (manifest order)")
     retry_failed: bool = Field(False, description="also redo ids whose caption is 'invalid' or 'error'")
     backend: Literal["hf", "vllm"] = "hf"
-    model: str = Field(TINY_MODEL, description="model path or hub id; 'tiny' = a tiny random-weight LLaVA built locally")
-    model_cache_dir: str = Field("./outputs/cache/models", description="where the 'tiny' model is built")
+    model: ModelRef = Field(TINY_MODEL, description="model path or hub id; 'tiny' = a tiny random-weight LLaVA built locally")
+    model_cache_dir: PathOrUri = Field("./outputs/cache/models", description="where the 'tiny' model is built")
     max_field_chars: int | None = Field(
         None, ge=1, description="maxLength of each JSON field, enforced while decoding (bounds cost and truncation)"
     )

@@ -3,12 +3,29 @@
 This is the CPU stage of the pipeline: VLM actors get small, already-decoded-and-re-encoded JPEGs,
 so GPUs only generate. ``image_sha256`` is the hash of the file's bytes as stored, so a caption can be
 traced to the exact image it describes (and a changed image detected).
+
+The rule for images a model's processor would reject or waste work on (:func:`target_geometry`):
+
+- too big to decode safely: more than ``max_bytes`` in the file or ``max_pixels`` in the header →
+  an ``error`` row (decompression bombs), never decoded;
+- large: downscaled (never upscaled) so the longest side is at most ``max_side`` and the area at
+  most ``max_area`` (the model's pixel budget, e.g. Qwen2.5-VL's ``max_pixels``);
+- extreme aspect ratio or tiny: padded (black, bottom/right) so the short side is at least
+  ``min_side`` and long/short at most ``max_aspect_ratio``. Qwen2-VL's ``smart_resize`` raises for a
+  ratio above 200 (a 1344x5 banner would fail inside the engine); padding keeps every pixel;
+- ``multiple_of`` > 1 (28 for Qwen2-VL/2.5-VL): the canvas is padded up to the model's grid, with
+  the area within ``max_area``, so the model's processor (``smart_resize``) keeps the size as it is.
+
+So the pixels are resampled at most once, here, and only to shrink (a JPEG decoded at reduced scale
+first); images already within the budget are only padded by a few pixels, never resampled; then
+one JPEG encode.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,6 +50,38 @@ def resolve_image_uri(image: str, manifest_uri: str) -> str:
     return storage.join(parent, image)
 
 
+def _ceil_to(value: int, factor: int) -> int:
+    return -(-value // factor) * factor
+
+
+def target_geometry(
+    width: int, height: int, *, max_side: int, max_area: int | None = None, multiple_of: int = 1,
+    min_side: int = 1, max_aspect_ratio: float = 200.0,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((content_w, content_h), (canvas_w, canvas_h))`` for an image of ``width`` x ``height``.
+
+    The pixels are resized to the content size (only when that is smaller: never upscaled) and
+    pasted at the top-left of a black canvas (the same size when no padding is needed). The canvas
+    is the content padded up to ``min_side``, to ``max_aspect_ratio`` and to the next multiple of
+    ``multiple_of``; if that padding pushes it over ``max_area`` the content shrinks a little more.
+    """
+    scale = min(1.0, max_side / max(width, height))
+    if max_area:
+        scale = min(scale, math.sqrt(max_area / (width * height)))
+    for _ in range(16):
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        cw, ch = max(w, min_side), max(h, min_side)
+        if cw >= ch:
+            ch = max(ch, math.ceil(cw / max_aspect_ratio))
+        else:
+            cw = max(cw, math.ceil(ch / max_aspect_ratio))
+        cw, ch = _ceil_to(cw, multiple_of), _ceil_to(ch, multiple_of)
+        if not max_area or cw * ch <= max_area:
+            break
+        scale *= math.sqrt(max_area / (cw * ch)) * 0.995
+    return (w, h), (cw, ch)
+
+
 def load_image(
     uri: str | None,
     *,
@@ -41,6 +90,10 @@ def load_image(
     max_pixels: int,
     jpeg_quality: int = 90,
     storage_kw: dict | None = None,
+    max_area: int | None = None,
+    multiple_of: int = 1,
+    min_side: int = 1,
+    max_aspect_ratio: float = 200.0,
 ) -> LoadedImage:
     if not uri:
         return LoadedImage(None, None, "no image path in the manifest row")
@@ -65,12 +118,20 @@ def load_image(
                 return LoadedImage(
                     None, sha, f"image too large: {width}x{height} pixels > images.max_pixels={max_pixels} ({uri})"
                 )
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale directly
+            content, canvas = target_geometry(width, height, max_side=max_side, max_area=max_area,
+                                              multiple_of=multiple_of, min_side=min_side,
+                                              max_aspect_ratio=max_aspect_ratio)
+            img.draft("RGB", content)  # JPEG: decode at a reduced scale (still >= the target size)
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         return LoadedImage(None, sha, f"corrupt or unreadable image {uri}: {type(exc).__name__}: {exc}")
-    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    if img.size != content:
+        img = img.resize(content, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if content != canvas:
+        padded = Image.new("RGB", canvas)
+        padded.paste(img, (0, 0))
+        img = padded
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=jpeg_quality)
     return LoadedImage(out.getvalue(), sha, None)

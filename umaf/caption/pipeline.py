@@ -1,8 +1,10 @@
 """The caption job's Ray Data pipeline: manifest → skip done ids → load images (CPU) → VLM actors → Parquet.
 
-Streaming end to end: rows flow through the stages and finished captions land in Parquet files at
-the output URI while later rows are still being generated, so a crash loses at most the rows that
-were in flight.
+Streaming end to end: rows flow through the stages and the driver writes finished captions to
+Parquet files at the output URI every ``output.rows_per_file`` rows or ``output.flush_seconds``,
+whichever comes first (:mod:`umaf.caption.writer`), while later rows are still being generated, so
+a crash loses at most one file's worth of rows plus the rows in flight. Each image is read and
+resized once, in one plan (no branches that would re-run the read).
 
 Resume and idempotence. The output dataset itself is the checkpoint: before starting, the driver
 reads the ``id`` and ``status`` columns already at the output and removes those ids from the work
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter as TallyCounter
 from datetime import datetime, timezone
@@ -32,8 +33,10 @@ from umaf import storage
 from umaf.caption.backends import caption_row, model_label
 from umaf.caption.config import CaptionConfig
 from umaf.caption.images import load_image, open_jpeg, resolve_image_uri
-from umaf.caption.store import CAPTION_SCHEMA, STATUS_ERROR, STATUS_INVALID, STATUS_OK, read_captions
+from umaf.caption.store import CAPTION_SCHEMA, STATUS_ERROR, STATUS_INVALID, STATUS_OK, read_rows
+from umaf.caption.writer import CaptionMetrics, CaptionWriter
 from umaf.data.manifest import schema_labels
+from umaf.progress import ProgressLine, quiet_ray_data_logs
 
 log = logging.getLogger("umaf.caption")
 
@@ -49,19 +52,12 @@ def storage_runtime_env() -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
-def absolutize(config: CaptionConfig) -> CaptionConfig:
-    """Make local paths absolute on the driver: actors run in other working directories."""
-    def fix(value: str | None) -> str | None:
-        if value is None or "://" in value:
-            return value
-        return os.path.abspath(os.path.expanduser(value))
-
-    update = {"out": fix(config.out), "demo_dir": fix(config.demo_dir), "manifest": fix(config.manifest),
-              "model_cache_dir": fix(config.model_cache_dir)}
-    model = config.model
-    if model not in ("tiny",) and (model.startswith((".", "~", "/")) or os.path.isdir(model)):
-        update["model"] = fix(model)
-    return config.model_copy(update=update)
+def check_locations(config: CaptionConfig) -> None:
+    """The given manifest exists and the captions folder is writable, or a UserError saying which."""
+    if config.manifest:
+        storage.require(config.manifest, "manifest", "make one with jobs/prepare.py, or fix --manifest",
+                        **config.storage_kw)
+    storage.require_folder(config.out, "captions folder", **config.storage_kw)
 
 
 def ensure_manifest(config: CaptionConfig) -> str:
@@ -81,13 +77,14 @@ def ensure_manifest(config: CaptionConfig) -> str:
 # Pure planning: which ids to caption
 
 
-def read_statuses(out_uri: str, **storage_kw) -> pa.Table:
-    """``id``/``status`` of every caption row already at ``out_uri`` (empty table if there is none)."""
+def read_statuses(out_uri: str, schema: pa.Schema = CAPTION_SCHEMA, **storage_kw) -> pa.Table:
+    """``id``/``status`` of every row already at ``out_uri`` (empty table if there is none): captions,
+    or any dataset with those columns that a job appends to (``schema``, e.g. predictions)."""
     empty = pa.table({"id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     if not storage.exists(out_uri, **storage_kw):
         return empty
     try:
-        return read_captions(out_uri, columns=["id", "status"], **storage_kw)
+        return read_rows(out_uri, schema, columns=["id", "status"], **storage_kw)
     except (FileNotFoundError, pa.ArrowInvalid) as exc:
         if "no files" in str(exc).lower() or isinstance(exc, FileNotFoundError):
             return empty
@@ -159,7 +156,8 @@ def load_images_batch(batch: pa.Table, *, manifest_uri: str, images: dict, stora
         uri = resolve_image_uri(image, manifest_uri) if image else None
         loaded = load_image(uri, max_side=images["max_side"], max_bytes=images["max_bytes"],
                             max_pixels=images["max_pixels"], jpeg_quality=images["jpeg_quality"],
-                            storage_kw=storage_kw)
+                            storage_kw=storage_kw, max_area=images["max_area"], multiple_of=images["multiple_of"],
+                            min_side=images["min_side"], max_aspect_ratio=images["max_aspect_ratio"])
         jpegs.append(loaded.jpeg)
         shas.append(loaded.sha256)
         errors.append(loaded.error)
@@ -168,30 +166,6 @@ def load_images_batch(batch: pa.Table, *, manifest_uri: str, images: dict, stora
          pa.array(shas, pa.string()), pa.array(errors, pa.string())],
         schema=LOADED_SCHEMA,
     )
-
-
-class CaptionMetrics:
-    """Custom metrics (``ray.util.metrics``) on the dashboard's metrics page / Prometheus endpoint."""
-
-    def __init__(self, dataset: str, model: str):
-        from ray.util.metrics import Counter, Gauge
-
-        self.tags = {"dataset": dataset, "model": model}
-        self.captions = Counter("umaf_caption_captions", "captions written, by status",
-                                tag_keys=("dataset", "model", "status"))
-        self.tokens = Counter("umaf_caption_output_tokens", "tokens generated", tag_keys=("dataset", "model"))
-        self.rate = Gauge("umaf_caption_images_per_second", "images captioned per second by one VLM actor",
-                          tag_keys=("dataset", "model"))
-
-    def record(self, rows: list[dict], seconds: float) -> None:
-        for status, n in TallyCounter(r["status"] for r in rows).items():
-            self.captions.inc(n, tags={**self.tags, "status": status})
-        tokens = sum(r["output_tokens"] or 0 for r in rows)
-        if tokens:
-            self.tokens.inc(tokens, tags=self.tags)
-        generated = sum(1 for r in rows if r["output_tokens"] is not None)
-        if generated and seconds > 0:
-            self.rate.set(generated / seconds, tags=self.tags)
 
 
 class HFCaptioner:
@@ -205,7 +179,6 @@ class HFCaptioner:
         self.backend = HFBackend(self.config)
         self.sampling_json = self.config.sampling.as_json()
         self.dataset = dataset
-        self.metrics = CaptionMetrics(dataset, self.backend.model_name)
         log.info("[caption stage=vlm dataset=%s] actor loaded %s on %s in %.1fs", dataset,
                  self.backend.model_name, self.backend.device, time.perf_counter() - start)
 
@@ -233,35 +206,29 @@ class HFCaptioner:
                         max_field_chars=self.config.max_field_chars, captioned_at=now)
             for i in range(len(ids))
         ]
-        self.metrics.record(rows, time.perf_counter() - start)
         return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
 
 
-def error_rows_batch(batch: pa.Table, *, model: str, sampling_json: str) -> pa.Table:
-    """Image-stage errors as caption rows (the vllm path, where they bypass the engine)."""
-    now = datetime.now(timezone.utc)
-    rows = [caption_row(i, model=model, sampling_json=sampling_json, image_sha256=s, error=e, captioned_at=now)
-            for i, s, e in zip(batch["id"].to_pylist(), batch["image_sha256"].to_pylist(), batch["error"].to_pylist())]
-    return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
-
-
 def _vllm_stage(loaded, config: CaptionConfig):
+    """The ``ray.data.llm`` processor over the loaded rows, then every output row as a caption row.
+
+    One pass: rows whose image failed to load go through the processor too, marked as errors by
+    the preprocess, so no stage touches them and the plan has no filter/union branches (two
+    branches would each re-run the read and image-load chain: every image loaded twice).
+    """
+    from functools import partial
+
     from ray.data.llm import build_processor
 
-    from umaf.caption.backends import vllm_output_to_caption, vllm_processor_config, vllm_request
+    from umaf.caption.backends import vllm_error_to_caption, vllm_output_to_caption, vllm_processor_config, vllm_request
 
-    good = loaded.filter(lambda row: row["error"] is None)
-    bad = loaded.filter(lambda row: row["error"] is not None)
     processor = build_processor(
         vllm_processor_config(config),
-        preprocess=lambda row: vllm_request(row, config),
-        postprocess=lambda row: vllm_output_to_caption(row, config),
+        preprocess=partial(vllm_request, config=config),
+        postprocess=partial(vllm_output_to_caption, config=config),
     )
-    captions = processor(good).map_batches(lambda b: pa.Table.from_pylist(b.to_pylist(), schema=CAPTION_SCHEMA),
-                                           batch_format="pyarrow")
-    errors = bad.map_batches(error_rows_batch, batch_format="pyarrow",
-                             fn_kwargs={"model": model_label(config), "sampling_json": config.sampling.as_json()})
-    return captions.union(errors)
+    return processor(loaded).map(
+        vllm_error_to_caption, fn_kwargs={"model": model_label(config), "sampling_json": config.sampling.as_json()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,9 +240,9 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    config = absolutize(config)
     started = time.time()
     manifest_uri = ensure_manifest(config)
+    check_locations(config)
     selected, dataset = select_ids(manifest_uri, config)
     tag = f"[caption dataset={dataset}"
     before = read_statuses(config.out, **config.storage_kw)
@@ -315,11 +282,24 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
             captions = _vllm_stage(loaded, config)
         ofs, opath = storage.resolve(config.out, **config.storage_kw)
         ofs.create_dir(opath, recursive=True)
-        log.info("%s stage=write] writing captions to %s", tag, config.out)
-        # A small CPU share for the writer: with a whole CPU it waits behind the reserved actor pool
-        # until generation ends, and captions reach storage only at the end instead of streaming.
-        captions.write_parquet(opath, filesystem=ofs, min_rows_per_file=config.output.rows_per_file,
-                               ray_remote_args={"num_cpus": 0.25, **io_args})
+        o = config.output
+        log.info("%s stage=write] writing captions to %s (a file every %d rows or %.0fs)", tag, config.out,
+                 o.rows_per_file, o.flush_seconds)
+        metrics = CaptionMetrics(dataset, model_label(config))
+        progress = ProgressLine(log, f"{tag} stage=generate] captioned", len(todo), unit="pairs",
+                                every_s=config.output.progress_every_s)
+        statuses: TallyCounter = TallyCounter()
+        # Ray Data's own progress on the driver is a block of lines per operator every 10 s when the
+        # console is not a terminal (CI, `ray job logs`): one line with the rate and ETA says more.
+        # On a terminal its bars still draw.
+        with quiet_ray_data_logs(), CaptionWriter(
+                config.out, rows_per_file=o.rows_per_file, flush_seconds=o.flush_seconds, attempts=o.write_attempts,
+                storage_kw=config.storage_kw, metrics=metrics) as writer:
+            for batch in captions.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                writer.add(batch)
+                statuses.update(batch["status"].to_pylist())
+                progress.update(batch.num_rows, _status_text(statuses))
+        progress.finish(_status_text(statuses))
 
     after = read_statuses(config.out, **config.storage_kw)
     new_rows = after.num_rows - before.num_rows
@@ -334,6 +314,10 @@ def run_caption(config: CaptionConfig) -> dict[str, Any]:
     storage.write_json_atomic(storage.join(config.out, "_summary.json"), summary, **config.storage_kw)
     log.info("%s stage=summary] %s", tag, json.dumps(summary))
     return summary
+
+
+def _status_text(statuses: TallyCounter) -> str:
+    return ", ".join(f"{status} {statuses.get(status, 0)}" for status in STATUSES)
 
 
 def _count(status: pa.ChunkedArray) -> TallyCounter:

@@ -1,9 +1,12 @@
 """The captions dataset: its schema, and the reader that gives exactly one ``ok`` caption per id.
 
-The caption job appends; a re-run or a restarted run may therefore leave several rows for an id
-(an ``error`` row then an ``ok`` row after ``--retry-failed``, or a duplicate ``ok`` row written by a
-task that was retried after its output had already landed). Readers must never see that: training
-goes through :func:`read_ok_captions`.
+The caption job appends, and a second row for an id comes only from a later run: an ``error`` (or
+``invalid``) row then an ``ok`` row after ``--retry-failed``, or an ``ok`` row written by a run that
+was killed and whose processes were still writing when the next run read what was done. Within one
+run, node failures included, each id gets exactly one row: Ray Data names a write task's files by
+(write id, task index), so a write task retried after its file landed rewrites that same file rather
+than adding a second. Readers must never depend on that: training goes through
+:func:`read_ok_captions`, which keeps one ``ok`` row per id whatever the history.
 """
 
 from __future__ import annotations
@@ -36,24 +39,35 @@ CAPTION_SCHEMA = pa.schema(
 )
 
 
+def read_rows(uri: str, schema: pa.Schema, *, columns: list[str] | None = None, **storage_kw) -> pa.Table:
+    """All rows of a dataset the driver's writer appends to (captions, predictions) at ``uri``.
+
+    The schema is given, not inferred: a folder whose only file is one torn by a killed writer
+    (excluded as invalid) still reads as an empty table rather than a schema-less one.
+    """
+    fs, path = storage.resolve(uri, **storage_kw)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True, schema=schema)
+    return dataset.to_table(columns=columns)
+
+
 def read_captions(uri: str, *, columns: list[str] | None = None, **storage_kw) -> pa.Table:
     """All caption rows at ``uri`` (any status, possibly several per id)."""
-    fs, path = storage.resolve(uri, **storage_kw)
-    # The schema is given, not inferred: a folder whose only file is one torn by a killed writer
-    # (excluded as invalid) still reads as an empty captions table rather than a schema-less one.
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True, schema=CAPTION_SCHEMA)
-    return dataset.to_table(columns=columns)
+    return read_rows(uri, CAPTION_SCHEMA, columns=columns, **storage_kw)
 
 
 def read_ok_captions(uri: str, **storage_kw) -> pa.Table:
     """Exactly one ``status == "ok"`` row per id: the latest by ``captioned_at`` (ties: last written)."""
-    table = read_captions(uri, **storage_kw)
+    return latest_ok(read_captions(uri, **storage_kw), "captioned_at")
+
+
+def latest_ok(table: pa.Table, time_column: str) -> pa.Table:
+    """Exactly one ``status == "ok"`` row per id: the latest by ``time_column`` (ties: last written)."""
     table = table.filter(pc.equal(table["status"], STATUS_OK))
     if table.num_rows == 0:
         return table
     order = pc.sort_indices(
         table.append_column("_row", pa.array(range(table.num_rows))),
-        sort_keys=[("id", "ascending"), ("captioned_at", "descending"), ("_row", "descending")],
+        sort_keys=[("id", "ascending"), (time_column, "descending"), ("_row", "descending")],
     )
     table = table.take(order)
     ids = table["id"].to_numpy(zero_copy_only=False)

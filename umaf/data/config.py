@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from umaf.config import StorageConfig, StrictModel
+from umaf.config import PathOrUri, StorageConfig, StrictModel
 
 Format = Literal["mvsa-raw", "clmlf", "hfm-raw", "msed", "mmsd2", "demo"]
 
@@ -23,12 +23,12 @@ class PrepareConfig(StrictModel):
     """``jobs/prepare.py``: read a published dataset (or draw the demo set) into a manifest."""
 
     format: Format = Field("demo", description="input format")
-    source: str | None = Field(None, description="the dataset's folder (local or s3://); not used by 'demo'")
-    images: str | None = Field(
+    source: PathOrUri | None = Field(None, description="the dataset's folder (local or s3://); not used by 'demo'")
+    images: PathOrUri | None = Field(
         None, description="image folder (local or s3://); default per format: mvsa-raw <source>/data, msed <source>, "
         "others none (image column left empty)"
     )
-    out: str = Field(
+    out: PathOrUri = Field(
         "./outputs/demo/manifest",
         description="manifest URI (local folder or s3://); the report goes to <out>.report.json; 'demo' also "
         "writes images/ and reference_captions/ beside the manifest (in its parent folder)",

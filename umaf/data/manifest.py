@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from umaf import storage
+from umaf.errors import UserError
 
 SPLITS = ("train", "dev", "test")
 LABELS_KEY = b"umaf.labels"
@@ -83,7 +84,7 @@ def write_manifest(table: pa.Table, uri: str, *, rows_per_file: int = 500_000, *
 def schema_labels(schema: pa.Schema) -> tuple[str, dict[str, list[str]]]:
     meta = schema.metadata or {}
     if LABELS_KEY not in meta:
-        raise ValueError("not a umaf manifest: the Parquet schema has no 'umaf.labels' metadata; make it with jobs/prepare.py")
+        raise UserError("not a umaf manifest: the Parquet schema has no 'umaf.labels' metadata; make it with jobs/prepare.py")
     return meta.get(DATASET_KEY, b"").decode(), json.loads(meta[LABELS_KEY])
 
 

@@ -28,6 +28,7 @@ from umaf.data.readers.msed import read_msed
 from umaf.data.readers.mvsa_raw import read_mvsa_raw
 from umaf.data.report import PrepareReport, count_rows
 from umaf.data.sources import SourceDir
+from umaf.errors import UserError
 
 
 def report_uri(out: str) -> str:
@@ -96,11 +97,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         labels, dataset = output.labels, output.dataset
         rows = drop_duplicate_ids(output.rows, report)
         if not rows:
-            raise ValueError(f"no pairs were read from {cfg.source} as format {cfg.format!r}: nothing to write "
+            raise UserError(f"no pairs were read from {cfg.source} as format {cfg.format!r}: nothing to write "
                              f"({len(report.skipped)} records skipped; see the messages above)")
         if all(row["image"] is None for row in rows):
             if cfg.missing_images == "drop":
-                raise ValueError(f"missing_images=drop but no image folder is known for format {cfg.format!r}: "
+                raise UserError(f"missing_images=drop but no image folder is known for format {cfg.format!r}: "
                                  "give --images DIR")
             for row in rows:
                 row["image_ok"] = False

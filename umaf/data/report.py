@@ -12,13 +12,15 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from umaf.errors import UserError
+
 OnError = Literal["fail", "skip"]
 
 # How many entries of each list the printed summary shows (the JSON report has them all).
 SUMMARY_LIST_LIMIT = 10
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError):
     """A record that cannot be read: names the file, the line and the offending value."""
 
     def __init__(self, file: str, line: int | None, value: Any, reason: str):

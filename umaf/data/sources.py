@@ -23,7 +23,11 @@ class SourceDir:
     def __init__(self, uri: str, **storage_kw: Any):
         self.uri = uri if storage.is_s3(uri) else storage.resolve(uri)[1]
         self.fs, self.path = storage.resolve(uri, **storage_kw)
-        if self.fs.get_file_info(self.path).type != pafs.FileType.Directory:
+        try:
+            info = self.fs.get_file_info(self.path)
+        except OSError as exc:
+            raise storage.StorageError(storage.explain(uri, exc, "source folder")) from exc
+        if info.type != pafs.FileType.Directory:
             raise FileNotFoundError(f"source folder {uri} does not exist or is not a folder")
 
     def uri_of(self, relative: str) -> str:

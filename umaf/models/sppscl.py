@@ -19,6 +19,16 @@ dropout active), text tokens ``[1:-1]`` (drops [CLS] and the last *position*, wh
 short texts, not [SEP]) averaged *including padding*, no sequence packing in the BiLSTM, and the
 intra/inter losses and the step-2 test in their official forms (see ``umaf.losses``).
 
+Eq. 6's positives (``inter_positives``): by default a text's own paired image is one of its
+positives, as in the official code and as the paper's text says ``L_clm`` "pulls image-text pairs of
+the same sentiment class closer"; the printed Inter-Mask ``1[y_m = y_n, m != n]`` (the intra-modal
+mask's ``i != j`` carried over, almost surely) leaves the paired image in the denominator only, so
+the loss always pushes each text away from its own image: ``inter_positives: printed`` runs it so.
+
+BatchNorm: every BatchNorm of the head is :class:`umaf.models.global_batchnorm.GlobalBatchNorm`,
+which normalises by the statistics of the GLOBAL batch under DDP (on CPU/gloo too, where
+``torch.nn.SyncBatchNorm`` cannot run) and is plain BatchNorm otherwise.
+
 Because CMF attends across the batch, a sample's prediction depends on its batch-mates: evaluation
 uses a fixed batch size (``TrainConfig.eval_batch_size``) over the split in manifest order. Under
 DDP training the keys/values of CMF are gathered from every rank (with gradient), so N workers
@@ -35,8 +45,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from umaf.config import StrictModel
+from umaf.config import ModelRef, PathOrUri, StrictModel
 from umaf.distributed import gather_with_grad, is_distributed
+from umaf.models.global_batchnorm import GlobalBatchNorm, convert_global_batchnorm
 from umaf.models.image_encoder import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, NUM_TEXT_LAYERS
 
 Compat = Literal["paper", "official"]
@@ -46,8 +57,8 @@ Variant = Literal["two_step", "one_step", "no_inter", "no_intra"]
 class SppSclConfig(StrictModel):
     """The ``sppscl:`` section of the train config (paper Table 2 values are in the presets)."""
 
-    image_encoder: str = Field(DEFAULT_IMAGE_ENCODER, description="HF id or local path of the frozen ResNet")
-    text_encoder: str = Field(DEFAULT_TEXT_ENCODER, description="HF id or local path of the BERT encoder")
+    image_encoder: ModelRef = Field(DEFAULT_IMAGE_ENCODER, description="HF id or local path of the frozen ResNet")
+    text_encoder: ModelRef = Field(DEFAULT_TEXT_ENCODER, description="HF id or local path of the BERT encoder")
     image_size: int = Field(224, ge=8, description="image side after resize/crop")
     max_length: int = Field(200, ge=4, description="text length in tokens (the paper's N=200)")
     embed_dim: int = Field(32, ge=2, description="D, the shared embedding size of I_p and T_p")
@@ -57,6 +68,20 @@ class SppSclConfig(StrictModel):
     ce_weight: float = Field(5.0, ge=0, description="lambda of Eq. 7 (5 for MVSA, 10 for HFM)")
     tau: float = Field(0.07, gt=0, description="temperature of the contrastive losses")
     alpha: float = Field(2 / 3, gt=0, description="threshold of the step-2 test (Algorithm 1 line 12)")
+    alignment_check: Compat | None = Field(
+        None,
+        description="the step-2 test: paper (cosine, Inter-Mask without the diagonal) or official (sigmoid of raw "
+        "dot products, diagonal counted, as the released code with which alpha=2/3 was tuned); None: as compat",
+    )
+    inter_positives: Literal["paired", "printed"] = Field(
+        "paired",
+        description="Eq. 6 positives of text m: paired = same-label images including its own (official code, "
+        "the paper's text); printed = the printed mask 1[y_m=y_n, m!=n], which pushes the paired image away",
+    )
+    text_layers: int = Field(
+        NUM_TEXT_LAYERS, ge=1, le=NUM_TEXT_LAYERS,
+        description="BERT layers fused by the hierarchical attention: the last 1-4 (Table 6; paper: 4)",
+    )
     variant: Variant = Field(
         "two_step",
         description="two_step (Algorithm 1); one_step: CE+L_cli+L_clt+L_clm at once (Table 4); "
@@ -72,7 +97,7 @@ class SppSclConfig(StrictModel):
         description="compute frozen encoder outputs once (Ray Data) and reuse them every epoch/trial; "
         "auto: on when the encoders are frozen and deterministic (not finetune_text, not compat=official)",
     )
-    cache_dir: str | None = Field(
+    cache_dir: PathOrUri | None = Field(
         None, description="where feature caches live (URI); None: <out>/../feature_cache beside the run"
     )
     diagnostics: bool = Field(True, description="write IID/TTD/ITD distances and a t-SNE PNG to the run folder")
@@ -85,6 +110,10 @@ class SppSclConfig(StrictModel):
                 "finetune_text=true or compat=official (whose encoders run in train mode); use feature_cache=auto or off"
             )
         return self
+
+    @property
+    def resolved_alignment_check(self) -> Compat:
+        return self.alignment_check or self.compat
 
     @property
     def frozen_features_deterministic(self) -> bool:
@@ -106,12 +135,12 @@ class SppSclOutput:
 def _projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
     """``M`` of Eq. 1–2: two linear layers with BatchNorm, as the official EncodingPart_I/T."""
     return nn.Sequential(
-        nn.Linear(in_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.BatchNorm1d(dim)
+        nn.Linear(in_dim, dim), GlobalBatchNorm(dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), GlobalBatchNorm(dim)
     )
 
 
 def _alignment(dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm(dim), nn.ReLU(), nn.Dropout(dropout))
 
 
 class HierarchicalTextHead(nn.Module):
@@ -184,25 +213,28 @@ class SppSclHead(nn.Module):
         self.fusion = config.fusion
         self.image_conv = nn.Sequential(
             nn.Conv2d(image_in_channels, config.image_channels, 1),
-            nn.BatchNorm2d(config.image_channels),
+            GlobalBatchNorm(config.image_channels),
             nn.ReLU(),
             nn.Dropout(p),
             nn.AdaptiveAvgPool2d(1),
         )
-        self.text_head = HierarchicalTextHead(text_hidden, text_layers, config.lstm_hidden, config.compat)
+        # Table 6: fuse only the last ``text_layers`` of the (up to 4) layers the encoder/cache provides.
+        self.text_layers = min(config.text_layers, text_layers)
+        self.text_head = HierarchicalTextHead(text_hidden, self.text_layers, config.lstm_hidden, config.compat)
         self.image_proj = _projection(config.image_channels, d, p)
         self.text_proj = _projection(2 * config.lstm_hidden, d, p)
         self.image_align = _alignment(d, p)
         self.text_align = _alignment(d, p)
         self.cmf = CrossModalFusion(d, p) if config.fusion == "cmf" else None
         fused_in = 4 * d if config.fusion == "cmf" else 2 * d
-        self.classifier = nn.Sequential(nn.Linear(fused_in, 2 * d), nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Dropout(p))
+        self.classifier = nn.Sequential(nn.Linear(fused_in, 2 * d), GlobalBatchNorm(2 * d), nn.ReLU(), nn.Dropout(p))
         self.fc = nn.Linear(2 * d, num_classes)
 
     def forward(
         self, image_map: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor, embeddings_only: bool = False
     ) -> SppSclOutput:
         image_l = self.image_conv(image_map.float()).flatten(1)  # Eq. 1: P(c(ResNet(I)))
+        text_states = text_states[:, -self.text_layers :]  # the last layers; [:, -1] is the top one
         text_l = self.text_head(text_states.float(), attention_mask)  # Eq. 2
         image_p = self.image_align(self.image_proj(image_l))
         text_p = self.text_align(self.text_proj(text_l))
@@ -236,6 +268,10 @@ class SppSclModel(nn.Module):
             self.text_encoder = FrozenBert(config.text_encoder)
             image_channels, text_hidden = self.image_encoder.out_channels, self.text_encoder.hidden_size
             text_layers = self.text_encoder.num_layers_used
+            if config.compat == "official":
+                # The official code runs the frozen ResNet in train mode, so its BatchNorm layers
+                # normalise by batch statistics: those of the global batch under DDP, as one process.
+                convert_global_batchnorm(self.image_encoder)
             self._freeze()
         else:
             from umaf.models.encoders import resolve_encoder

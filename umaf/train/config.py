@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from umaf.config import RayConfig, StorageConfig, StrictModel
+from umaf.config import PathOrUri, RayConfig, StorageConfig, StrictModel
 from umaf.models.sppscl import SppSclConfig
 from umaf.models.umaf import UmafConfig
 
@@ -22,10 +22,10 @@ class TrainConfig(StrictModel):
     model: Literal["umaf", "sppscl"] = Field("umaf", description="which method to train")
 
     # ---- data --------------------------------------------------------------------------------
-    manifest: str | None = Field(
+    manifest: PathOrUri | None = Field(
         None, description="manifest URI (local path, file:// or s3://); None: the demo dataset written under out/demo"
     )
-    captions: str | None = Field(
+    captions: PathOrUri | None = Field(
         None, description="captions URI (UMAF); None with no manifest: the demo's reference captions"
     )
     task: str | None = Field(None, description="label task (column label_<task>); None: the manifest's first task")
@@ -37,7 +37,7 @@ class TrainConfig(StrictModel):
     )
 
     # ---- run folder ----------------------------------------------------------------------------
-    out: str = Field(
+    out: PathOrUri = Field(
         "runs/train", description="the run folder (local path or s3://bucket/prefix); rerun with the same out to resume"
     )
 
@@ -60,6 +60,13 @@ class TrainConfig(StrictModel):
         None, description="dev metric that picks the best checkpoint; None: macro_f1 for HFM, else weighted_f1"
     )
     shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer (rows) of the training shard")
+    prefetch_batches: int = Field(
+        2, ge=0, description="batches Ray Data prepares ahead of the step (collate, pinned copy to the GPU) in a thread"
+    )
+    log_every_s: float = Field(
+        15.0, gt=0, description="seconds between rank 0's step-progress lines (and TensorBoard step scalars); the "
+        "loss terms stay on the device in between"
+    )
 
     # ---- Ray Train -----------------------------------------------------------------------------
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")

@@ -2,10 +2,19 @@
 
 SPP-SCL freezes ResNet-50 and BERT (paper, "Overview"), so for a given dataset their outputs never
 change: re-running them every epoch of every Tune trial is wasted compute (they dominate the step
-time). A Ray Data job runs them once per split — actors hold the encoders, GPUs when the train job
-has them — and writes Parquet at
+time). One Ray Data job runs them once for every split still missing from the cache and writes
+Parquet at
 
     <cache_dir>/<key>/<split>/<writer-id>/*.parquet   +   <cache_dir>/<key>/<split>/_SUCCESS.json
+
+The job is a pipeline over the union of those splits, cut into enough blocks to keep every stage
+busy: CPU tasks read and decode the images (PIL, the image processor) → a long-lived pool of
+:class:`FeatureEncoderActor` (``ActorPoolStrategy``; one GPU each when the train job has GPUs) loads
+the frozen encoders once per actor and encodes batches of every split → CPU tasks write each
+split's rows under its own folder, files named by row position so the cache reads back in the
+split's order. (Ray Data fuses a task map into the next actor map when their resources match: on a
+CPU-only job decoding therefore runs inside the CPU actors, which is where that CPU time would go
+anyway; with GPUs the decode tasks stay separate and feed the GPU actors.)
 
 ``key`` hashes everything the features depend on: both encoder names, image size, text length,
 the layer count, the cache format version, and a fingerprint of the split's rows (id, text, image
@@ -24,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import uuid
 from typing import Any
 
@@ -32,7 +42,9 @@ import torch
 
 from umaf import storage
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 1  # rows and columns unchanged by the actor-pool build: version-1 caches stay valid
+SPLIT_COLUMN, POSITION_COLUMN = "_cache_split", "_cache_position"  # build-time only, never written
+FEATURE_COLUMNS = ("id", "label", "image_ok", "image_map", "image_shape", "text_states", "text_shape")
 SUCCESS_FILE = "_SUCCESS.json"
 FEATURE_DTYPE = np.float16
 
@@ -58,10 +70,13 @@ def cache_key(*, image_encoder: str, text_encoder: str, image_size: int, max_len
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def read_image_bytes(uri: str | None, storage_kw: dict[str, Any]) -> bytes | None:
-    """The image file's bytes, or None when absent or unreadable (the row goes on without its image)."""
+def read_image_bytes(uri: str | bytes | None, storage_kw: dict[str, Any]) -> bytes | None:
+    """The image file's bytes, or None when absent or unreadable (the row goes on without its image).
+    Bytes given instead of a URI (a caller holding the file already) are the image itself."""
     if not uri:
         return None
+    if isinstance(uri, (bytes, bytearray)):
+        return bytes(uri)
     try:
         fs, path = storage.resolve(uri, **storage_kw)
         with fs.open_input_stream(path) as fh:
@@ -81,37 +96,106 @@ def _encoders(image_encoder: str, text_encoder: str, use_gpu: bool):
             load_image_processor(image_encoder), load_tokenizer(text_encoder))
 
 
-class FrozenFeatureEncoder:
-    """Encodes a batch of rows with the frozen encoders (Ray Data batch function via :func:`encode_batch`)."""
+def decode_images_batch(batch: dict[str, np.ndarray], image_encoder: str, image_size: int | None,
+                        storage_kw: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: read and decode a batch's images into the encoder's pixels (``pixel_values``
+    float32 ``[B,3,S,S]``; ``image_size`` None: the processor's own size) and AND the decode status into
+    ``image_ok``. Runs beside the encoder actors,
+    so the actors (and their GPU) never wait on PIL."""
+    from umaf.models.image_encoder import pixel_values_from_bytes
 
-    def __init__(self, image_encoder: str, text_encoder: str, image_size: int, max_length: int,
-                 storage_kw: dict[str, Any], use_gpu: bool = False):
-        self.device, self.image, self.text, self.processor, self.tokenizer = _encoders(image_encoder, text_encoder, use_gpu)
-        self.image_size, self.max_length, self.storage_kw = image_size, max_length, storage_kw
+    processor = _image_processor(image_encoder)  # once per reused task worker process
+    images = [read_image_bytes(uri, storage_kw) for uri in batch["image"].tolist()]
+    pixels, image_ok = pixel_values_from_bytes(processor, images, image_size)
+    out = {k: v for k, v in batch.items() if k not in ("image", "image_ok")}
+    out["image_ok"] = image_ok.numpy() & np.asarray(batch.get("image_ok", np.ones(len(images), bool)), dtype=bool)
+    out["pixel_values"] = pixels.numpy()
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _image_processor(image_encoder: str):
+    from umaf.models.image_encoder import load_image_processor
+
+    return load_image_processor(image_encoder)
+
+
+class FeatureEncoderActor:
+    """The frozen encoders, loaded once per actor: decoded pixels + text → cached feature columns."""
+
+    def __init__(self, image_encoder: str, text_encoder: str, max_length: int, use_gpu: bool = False):
+        self.device, self.image, self.text, _, self.tokenizer = _encoders(image_encoder, text_encoder, use_gpu)
+        self.max_length = max_length
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from umaf.models.image_encoder import pixel_values_from_bytes
-
-        images = [read_image_bytes(uri, self.storage_kw) for uri in batch["image"].tolist()]
-        pixels, image_ok = pixel_values_from_bytes(self.processor, images, self.image_size)
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
         # Pad to the longest text of the batch only: the attention mask makes the states of real
         # tokens identical to padding to max_length, and only real tokens are stored.
         enc = self.tokenizer(batch["text"].tolist(), padding="longest", truncation=True,
                              max_length=self.max_length, return_tensors="pt")
-        image_map = self.image(pixels.to(self.device)).to(torch.float16).cpu().numpy()
+        image_map = self.image(pixels.to(self.device, non_blocking=True)).to(torch.float16).cpu().numpy()
         states = self.text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         states = states.to(torch.float16).cpu().numpy()  # [B, L, N, H]
         lengths = enc["attention_mask"].sum(dim=1).numpy()
         return {
+            **{k: batch[k] for k in (SPLIT_COLUMN, POSITION_COLUMN) if k in batch},
             "id": batch["id"],
             "label": np.asarray(batch["label"], dtype=np.int64),
-            "image_ok": image_ok.numpy() & np.asarray(batch.get("image_ok", np.ones(len(images), bool)), dtype=bool),
+            "image_ok": np.asarray(batch["image_ok"], dtype=bool),
             "image_map": np.array([m.tobytes() for m in image_map], dtype=object),
             "image_shape": np.array([m.shape for m in image_map], dtype=np.int32),  # [C, h, w]
             "text_states": np.array([s[:, : int(n)].tobytes() for s, n in zip(states, lengths)], dtype=object),
             "text_shape": np.array([(s.shape[0], int(n), s.shape[2]) for s, n in zip(states, lengths)], dtype=np.int32),
         }
+
+
+class FrozenFeatureEncoder:
+    """Decode + encode in one call (a single process: tests, notebooks); the cache build splits the
+    two between CPU tasks and :class:`FeatureEncoderActor`."""
+
+    def __init__(self, image_encoder: str, text_encoder: str, image_size: int, max_length: int,
+                 storage_kw: dict[str, Any], use_gpu: bool = False):
+        self.encoder = FeatureEncoderActor(image_encoder, text_encoder, max_length, use_gpu)
+        self.image_encoder, self.image_size, self.storage_kw = image_encoder, image_size, storage_kw
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.encoder(decode_images_batch(batch, self.image_encoder, self.image_size, self.storage_kw))
+
+
+def write_cache_batch(batch: dict[str, np.ndarray], folders: dict[str, str], storage_kw: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: write a batch's rows of each split to ``<folder of the split>/part-<first
+    row position>.parquet`` (sorted names = the split's row order); returns rows written per split.
+    Columns: ``id``, ``label``, ``image_ok``, fp16 feature bytes, and their ``*_shape`` columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    splits = np.asarray(batch[SPLIT_COLUMN]).astype(str)
+    positions = np.asarray(batch[POSITION_COLUMN], dtype=np.int64)
+    features = [c for c in batch if c not in ("id", "label", "image_ok", SPLIT_COLUMN, POSITION_COLUMN)]
+    written_splits, written_rows = [], []
+    for split in sorted(set(splits.tolist())):
+        rows = np.flatnonzero(splits == split)
+        rows = rows[np.argsort(positions[rows], kind="stable")]
+        columns = {
+            "id": pa.array(np.asarray(batch["id"])[rows].tolist(), pa.string()),
+            "label": pa.array(np.asarray(batch["label"])[rows], pa.int64()),
+            "image_ok": pa.array(np.asarray(batch["image_ok"])[rows], pa.bool_()),
+        }
+        for name in features:
+            if name.endswith("_shape"):  # as Ray's tensor column (what Dataset.write_parquet wrote in version 1)
+                columns[name] = ArrowTensorArray.from_numpy(np.asarray(batch[name], dtype=np.int32)[rows])
+            else:
+                columns[name] = pa.array(np.asarray(batch[name], dtype=object)[rows].tolist(), pa.binary())
+        table = pa.table(columns)
+        fs, folder = storage.resolve(folders[split], **storage_kw)
+        fs.create_dir(folder, recursive=True)
+        name = f"part-{int(positions[rows[0]]):010d}-{uuid.uuid4().hex[:8]}.parquet"
+        pq.write_table(table, f"{folder.rstrip('/')}/{name}", filesystem=fs)
+        written_splits.append(split)
+        written_rows.append(len(rows))
+    return {"split": np.array(written_splits, dtype=object), "rows": np.array(written_rows, dtype=np.int64)}
 
 
 def decode_features(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -134,8 +218,7 @@ def decode_features(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def encode_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
-    """Ray Data batch function. Tasks (not a dedicated actor per split): their worker processes are
-    reused, so the encoders load once per process and no actor has to start for each split."""
+    """Decode and encode one batch in this process (kept for callers of the version-1 API)."""
     return FrozenFeatureEncoder(**kwargs)(batch)
 
 
@@ -146,45 +229,177 @@ def split_cache_uri(cache_dir: str, key: str, split: str) -> str:
 def load_or_build(ds, *, cache_dir: str, split: str, image_encoder: str, text_encoder: str, image_size: int,
                   max_length: int, storage_kw: dict[str, Any], concurrency: int = 1, use_gpu: bool = False,
                   batch_size: int = 64):
-    """The split's cached features as a Ray Dataset, computing and writing them first if absent.
+    """One split's cached features as a Ray Dataset (see :func:`load_or_build_splits`)."""
+    return load_or_build_splits(
+        {split: ds}, cache_dir=cache_dir, image_encoder=image_encoder, text_encoder=text_encoder,
+        image_size=image_size, max_length=max_length, storage_kw=storage_kw, concurrency=concurrency,
+        use_gpu=use_gpu, batch_size=batch_size,
+    )[split]
 
-    ``ds`` has ``id``, ``text``, ``image``, ``label`` (and optionally ``image_ok``). Returns
-    ``(dataset, info)`` where ``info`` says whether the cache was hit, its URI and row count.
+
+def _blocks_for(rows: int, batch_size: int, actors: int) -> int:
+    """One block per batch (up to 256): decode tasks on every free CPU, every encoder actor fed, and
+    no decode task holding thousands of decoded images (a 224-px image is 0.6 MB of pixels)."""
+    return max(1, actors, min(math.ceil(rows / batch_size), 256))
+
+
+def load_or_build_splits(datasets: dict[str, Any], *, cache_dir: str, image_encoder: str, text_encoder: str,
+                         image_size: int, max_length: int, storage_kw: dict[str, Any], concurrency: int = 1,
+                         use_gpu: bool = False, batch_size: int = 64) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """SPP-SCL: every split's cached ResNet map + BERT states as a Ray Dataset (see :func:`build_splits`)."""
+    def key(fingerprint: str) -> str:
+        return cache_key(image_encoder=image_encoder, text_encoder=text_encoder, image_size=image_size,
+                         max_length=max_length, fingerprint=fingerprint)
+
+    return build_splits(
+        datasets, cache_dir=cache_dir, key=key, storage_kw=storage_kw, concurrency=concurrency, use_gpu=use_gpu,
+        batch_size=batch_size, columns=FEATURE_COLUMNS,
+        decode_kwargs={"image_encoder": image_encoder, "image_size": image_size},
+        actor=FeatureEncoderActor, actor_kwargs={"image_encoder": image_encoder, "text_encoder": text_encoder,
+                                                 "max_length": max_length, "use_gpu": use_gpu},
+        meta={"image_encoder": image_encoder, "text_encoder": text_encoder, "image_size": image_size,
+              "max_length": max_length},
+    )
+
+
+def build_splits(datasets: dict[str, Any], *, cache_dir: str, key, storage_kw: dict[str, Any], concurrency: int,
+                 use_gpu: bool, batch_size: int, columns: tuple[str, ...], decode_kwargs: dict[str, Any], actor: type,
+                 actor_kwargs: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Every split's cached features as a Ray Dataset, building all missing splits in one job first.
+
+    ``datasets`` maps split → rows with ``id``, ``text``, ``image``, ``label`` (and optionally
+    ``image_ok``); ``key(fingerprint)`` names the cache entry of a split's rows. The missing splits go
+    through one pipeline (one encoder load per actor for all of them): decode tasks
+    (:func:`decode_images_batch` with ``decode_kwargs``) → ``concurrency`` ``actor`` instances, one
+    GPU each when ``use_gpu`` → writers. Returns split → ``(dataset of columns, info)``; ``info``
+    says whether the cache was hit, its URI and row count.
     """
+    import pyarrow as pa
     import ray.data
+    from ray.data import ActorPoolStrategy
 
-    columns = [c for c in ("id", "text", "image", "image_ok", "label") if c in ds.columns()]
-    ds = ds.select_columns(columns)
-    rows = ds.select_columns(["id", "text", "image", "label"]).to_pandas()
-    fingerprint = rows_fingerprint(rows["id"].tolist(), rows["text"].tolist(), rows["image"].tolist(), rows["label"].tolist())
-    key = cache_key(image_encoder=image_encoder, text_encoder=text_encoder, image_size=image_size,
-                    max_length=max_length, fingerprint=fingerprint)
-    base = split_cache_uri(cache_dir, key, split)
-    success = storage.join(base, SUCCESS_FILE)
-    hit = storage.exists(success, **storage_kw)
-    if not hit:
-        writer = uuid.uuid4().hex[:12]
-        encoded = ds.map_batches(
-            encode_batch,
-            fn_kwargs={"image_encoder": image_encoder, "text_encoder": text_encoder,
-                       "image_size": image_size, "max_length": max_length,
-                       "storage_kw": storage_kw, "use_gpu": use_gpu},
-            batch_format="numpy",
-            batch_size=batch_size,
-            num_gpus=1 if use_gpu else None,
-            concurrency=concurrency,
+    plan: dict[str, dict[str, Any]] = {}
+    for split, ds in datasets.items():
+        present = [c for c in ("id", "text", "image", "image_ok", "label") if c in ds.columns()]
+        table = pa.concat_tables(ray.get(ds.select_columns(present).to_arrow_refs()))
+        fingerprint = rows_fingerprint(table["id"].to_pylist(), table["text"].to_pylist(),
+                                       table["image"].to_pylist(), table["label"].to_pylist())
+        entry = key(fingerprint)
+        base = split_cache_uri(cache_dir, entry, split)
+        hit = storage.exists(storage.join(base, SUCCESS_FILE), **storage_kw)
+        plan[split] = {"table": table, "key": entry, "base": base, "hit": hit, "writer": uuid.uuid4().hex[:12]}
+
+    missing = [split for split, p in plan.items() if not p["hit"]]
+    if missing:
+        parts = []
+        for split in missing:
+            table = plan[split]["table"]
+            if "image_ok" not in table.column_names:
+                table = table.append_column("image_ok", pa.array([True] * table.num_rows, pa.bool_()))
+            table = table.select(["id", "text", "image", "image_ok", "label"])
+            table = table.append_column(SPLIT_COLUMN, pa.array([split] * table.num_rows, pa.string()))
+            table = table.append_column(POSITION_COLUMN, pa.array(range(table.num_rows), pa.int64()))
+            parts.append(table)
+        rows = pa.concat_tables(parts).combine_chunks()
+        # from_arrow of one table is one block: hand it slices instead (one block each, no
+        # repartition job) so decode tasks, every actor and the writers work at once.
+        blocks = _blocks_for(rows.num_rows, batch_size, concurrency)
+        step = math.ceil(rows.num_rows / blocks)
+        union = ray.data.from_arrow([rows.slice(start, step) for start in range(0, rows.num_rows, step)])
+        folders = {split: storage.join(plan[split]["base"], plan[split]["writer"]) for split in missing}
+        written = (
+            union.map_batches(decode_images_batch, batch_format="numpy", batch_size=batch_size,
+                              fn_kwargs={**decode_kwargs, "storage_kw": storage_kw})
+            .map_batches(actor, batch_format="numpy", batch_size=batch_size, fn_constructor_kwargs=actor_kwargs,
+                         compute=ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else None)
+            .map_batches(write_cache_batch, batch_format="numpy", batch_size=None,
+                         fn_kwargs={"folders": folders, "storage_kw": storage_kw})
+            .take_all()
         )
-        fs, path = storage.resolve(storage.join(base, writer), **storage_kw)
-        encoded.write_parquet(path, filesystem=fs)
-        storage.write_json_atomic(success, {
-            "folder": writer, "rows": len(rows), "key": key, "format": CACHE_FORMAT_VERSION,
-            "image_encoder": image_encoder, "text_encoder": text_encoder, "image_size": image_size,
-            "max_length": max_length,
-        }, **storage_kw)
-    meta = storage.read_json(success, **storage_kw)
-    fs, path = storage.resolve(storage.join(base, meta["folder"]), **storage_kw)
-    cached = ray.data.read_parquet(path, filesystem=fs)
-    return cached, {"hit": hit, "uri": base, "rows": meta["rows"]}
+        counts = {split: 0 for split in missing}
+        for row in written:
+            counts[row["split"]] += int(row["rows"])
+        for split in missing:
+            expected = plan[split]["table"].num_rows
+            if counts[split] != expected:  # pragma: no cover - a lost batch would leave a short cache
+                raise RuntimeError(f"feature cache for {split}: wrote {counts[split]} of {expected} rows")
+            storage.write_json_atomic(storage.join(plan[split]["base"], SUCCESS_FILE), {
+                "folder": plan[split]["writer"], "rows": expected, "key": plan[split]["key"],
+                "format": CACHE_FORMAT_VERSION, **meta,
+            }, **storage_kw)
+
+    out = {}
+    for split, p in plan.items():
+        meta_written = storage.read_json(storage.join(p["base"], SUCCESS_FILE), **storage_kw)
+        fs, path = storage.resolve(storage.join(p["base"], meta_written["folder"]), **storage_kw)
+        cached = ray.data.read_parquet(path, filesystem=fs).select_columns(list(columns))
+        # Files are named by row position: keep their order (SPP-SCL's CMF attends across an
+        # evaluation batch, so dev/test must always be read in the same order).
+        cached.context.execution_options.preserve_order = True
+        out[split] = (cached, {"hit": p["hit"], "uri": p["base"], "rows": meta_written["rows"]})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# UMAF's image tokens (Table 3's image rows with a frozen image encoder): the same build, one encoder.
+
+IMAGE_TOKEN_COLUMNS = ("id", "label", "image_ok", "image_tokens", "image_tokens_shape")
+
+
+class ImageTokenActor:
+    """The frozen image encoder (ResNet grid / ViT or CLIP patch tokens), loaded once per actor:
+    decoded pixels → ``image_tokens`` (fp16 bytes of ``[n, d]``) and ``image_tokens_shape``."""
+
+    def __init__(self, image_encoder: str, use_gpu: bool = False):
+        self.device, self.encoder = _image_token_encoder(image_encoder, use_gpu)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
+        tokens = self.encoder(pixels.to(self.device, non_blocking=True)).to(torch.float16).cpu().numpy()
+        return {
+            **{k: batch[k] for k in (SPLIT_COLUMN, POSITION_COLUMN) if k in batch},
+            "id": batch["id"],
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "image_ok": np.asarray(batch["image_ok"], dtype=bool),
+            "image_tokens": np.array([t.tobytes() for t in tokens], dtype=object),
+            "image_tokens_shape": np.array([t.shape for t in tokens], dtype=np.int32),  # [n, d]
+        }
+
+
+@functools.lru_cache(maxsize=2)
+def _image_token_encoder(image_encoder: str, use_gpu: bool):
+    from umaf.models.image_encoder import ImageTokenEncoder
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    return device, ImageTokenEncoder(image_encoder).to(device).eval()
+
+
+def load_or_build_image_tokens(datasets: dict[str, Any], *, cache_dir: str, image_encoder: str,
+                               storage_kw: dict[str, Any], concurrency: int = 1, use_gpu: bool = False,
+                               batch_size: int = 64) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """UMAF: every split's image tokens, computed once by the frozen image encoder (with its own image
+    processor's preprocessing) and reused by every epoch, run and trial on the same rows."""
+    def key(fingerprint: str) -> str:
+        spec = {"format": CACHE_FORMAT_VERSION, "kind": "umaf-image-tokens", "image_encoder": image_encoder,
+                "rows": fingerprint}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    return build_splits(
+        datasets, cache_dir=cache_dir, key=key, storage_kw=storage_kw, concurrency=concurrency, use_gpu=use_gpu,
+        batch_size=batch_size, columns=IMAGE_TOKEN_COLUMNS,
+        decode_kwargs={"image_encoder": image_encoder, "image_size": None},
+        actor=ImageTokenActor, actor_kwargs={"image_encoder": image_encoder, "use_gpu": use_gpu},
+        meta={"kind": "umaf-image-tokens", "image_encoder": image_encoder},
+    )
+
+
+def decode_image_tokens(batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """Cached rows → ``image_tokens [B, n, d]`` float32 (one encoder: every row has the same shape)."""
+    shapes = np.asarray(batch["image_tokens_shape"]).reshape(-1, 2)
+    tokens = np.stack([np.frombuffer(b, dtype=FEATURE_DTYPE).reshape(shape)
+                       for b, shape in zip(batch["image_tokens"], shapes)])
+    return torch.from_numpy(tokens.astype(np.float32))
 
 
 def cache_size_bytes(uri: str, storage_kw: dict[str, Any]) -> int:

@@ -6,15 +6,23 @@ whole split, fixed order and batch size), save the best model by the dev metric,
 (same run folder, or a worker group restarted by ``FailureConfig``) resumes from
 ``ray.train.get_checkpoint()``. At the end rank 0 evaluates the best model on ``test`` and writes
 ``metrics.json``, ``predictions/{dev,test}.parquet`` and TensorBoard scalars into the run folder.
+
+The story on the driver's console (rank 0, plain log lines that ``ray job logs`` shows too): a
+step-progress line every ``log_every_s`` seconds of a long epoch (step i/n, loss terms, samples/s,
+the epoch's ETA) and one line per epoch (loss terms, dev metric, samples/s, elapsed, the run's ETA).
+The loss terms a step returns stay on the device, summed there; they are read (one host sync) only
+at those lines and at the end of the epoch, so the GPU never waits for the logging.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +30,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from umaf import distributed, storage
-from umaf.train.checkpoint import load_best, load_checkpoint_dir, save_best, save_checkpoint_dir
+from umaf.train.checkpoint import load_best, load_checkpoint_dir, model_card, save_best, save_checkpoint_dir
 from umaf.train.config import TrainConfig
 from umaf.train.method import Method, StepContext, get_method
 from umaf.train.metrics import classification_metrics, scalar_metrics
+
+# Train V2 gives the worker's root logger a console handler at INFO: these lines reach the driver.
+log = logging.getLogger("umaf.train")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -60,14 +72,15 @@ def evaluate(method: Method, model: torch.nn.Module, batches, device: torch.devi
             tensors = method.collate(batch, device)
             with autocast_ctx():
                 logits, _ = method.predict(model, tensors)
-            probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            # Stays on the device: one copy at the end instead of a GPU sync per batch.
+            probs.append(torch.softmax(logits.float(), dim=-1))
             labels.append(np.asarray(batch["label"], dtype=np.int64))
             ids.extend(str(i) for i in batch["id"])
     model.train(was_training)
     if not ids:
         return {"id": np.array([], dtype=object), "label": np.array([], dtype=np.int64),
                 "pred": np.array([], dtype=np.int64), "probs": np.zeros((0, 0))}
-    prob = np.concatenate(probs)
+    prob = torch.cat(probs).cpu().numpy()
     return {"id": np.array(ids, dtype=object), "label": np.concatenate(labels), "pred": prob.argmax(1), "probs": prob}
 
 
@@ -112,13 +125,109 @@ class TensorBoard:
             shutil.rmtree(self.local, ignore_errors=True)
 
 
-def _mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    """Sample-weighted means of per-batch loss terms over all ranks (logging only)."""
-    keys = sorted(sums)
-    packed = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)
-    distributed.all_reduce_sum(packed)
-    total = max(1.0, float(packed[-1]))
-    return {k: float(v) / total for k, v in zip(keys, packed[:-1].tolist())}
+class LossSums:
+    """Sample-weighted sums of a step's loss terms, kept where they are computed.
+
+    Tensor terms are added on the device (no host sync); plain numbers (a method's constant 0.0 or
+    flags) on the host. :meth:`read` copies everything to the host once; :meth:`mean_over_ranks`
+    all-reduces the sums and the sample count in one collective at the end of an epoch.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.on_device: dict[str, torch.Tensor] = {}
+        self.on_host: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, Any], n: int) -> None:
+        for key, value in terms.items():
+            if isinstance(value, torch.Tensor):
+                weighted = value.detach().to(torch.float64) * n
+                self.on_device[key] = self.on_device[key] + weighted if key in self.on_device else weighted
+            else:
+                self.on_host[key] = self.on_host.get(key, 0.0) + float(value) * n
+        self.count += n
+
+    def _packed(self) -> tuple[list[str], torch.Tensor]:
+        keys = sorted(set(self.on_device) | set(self.on_host))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        device_part = torch.stack([self.on_device.get(k, zero).to(self.device) for k in keys] + [zero])
+        host_part = torch.tensor([self.on_host.get(k, 0.0) for k in keys] + [float(self.count)], dtype=torch.float64)
+        return keys, device_part + host_part.to(self.device)
+
+    def read(self) -> dict[str, float]:
+        """This rank's sums so far, on the host (one sync)."""
+        keys, packed = self._packed()
+        return dict(zip(keys, packed[:-1].tolist()))
+
+    def mean_over_ranks(self) -> tuple[dict[str, float], int]:
+        """Sample-weighted means over all ranks and the total sample count (logging only)."""
+        keys, packed = self._packed()
+        distributed.all_reduce_sum(packed)
+        values = packed.tolist()
+        total = max(1.0, values[-1])
+        return {k: v / total for k, v in zip(keys, values[:-1])}, int(values[-1])
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _terms_text(terms: dict[str, float]) -> str:
+    ordered = (["loss"] if "loss" in terms else []) + sorted(k for k in terms if k != "loss")
+    return " ".join(f"{k} {terms[k]:.4g}" for k in ordered)
+
+
+class StepProgress:
+    """Rank 0's step-progress lines and TensorBoard step scalars, at most every ``every_s`` seconds."""
+
+    def __init__(self, sums: LossSums, every_s: float, epoch: int, epochs: int, steps: int, world: int,
+                 tb: TensorBoard | None):
+        self.sums, self.every_s, self.tb = sums, every_s, tb
+        self.epoch, self.epochs, self.steps, self.world = epoch, epochs, steps, world
+        self.started = self.last = time.perf_counter()
+        self.last_values: dict[str, float] = {}
+        self.last_count = 0
+
+    def step(self, step: int, global_step: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self._emit(step, global_step, now, line=True)
+
+    def epoch_end(self, step: int, global_step: int) -> None:
+        """The epoch's last interval into TensorBoard (short epochs get one point each)."""
+        if self.sums.count > self.last_count:
+            self._emit(step, global_step, time.perf_counter(), line=False)
+
+    def _emit(self, step: int, global_step: int, now: float, line: bool) -> None:
+        values = self.sums.read()  # the one host sync of the interval
+        n = self.sums.count - self.last_count
+        interval = {k: (v - self.last_values.get(k, 0.0)) / max(1, n) for k, v in values.items()}
+        if self.tb is not None:
+            self.tb.scalars({f"step/{k}": v for k, v in interval.items()}, global_step)
+        if line:
+            elapsed = now - self.started
+            rate = self.sums.count * self.world / max(elapsed, 1e-9)  # equal shards: every rank runs alike
+            eta = elapsed / max(step, 1) * max(0, self.steps - step)
+            log.info("epoch %d/%d step %d/%d (%d%%) | %s | %.1f samples/s | epoch ETA %s", self.epoch + 1,
+                     self.epochs, step, self.steps, 100 * step // max(1, self.steps), _terms_text(interval),
+                     rate, _duration(eta))
+        self.last, self.last_values, self.last_count = now, values, self.sums.count
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate function: a method's numpy batch → CPU tensors. Ray runs it in its
+    prefetch threads, pins the result when asked and copies it to the worker's device."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.cpu = torch.device("cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return self.method.collate(batch, self.cpu)
 
 
 def _append_history(run_uri: str, metrics: dict[str, Any], storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -135,8 +244,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    # Per-epoch dev iteration would print a progress bar per epoch into the driver log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The story on the driver's console is ours: not Ray Data's per-iteration INFO lines (its
+    # progress, logged at INFO in a worker, included), nor torch's warning about Ray's read-only
+    # batch arrays (collate only reads them), nor Ray Train's INFO line for every report, which it
+    # logs through a logger named after its module's file (RunConfig's LoggingConfig filters only
+    # "ray.train.*" names).
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: only the per-report lines come back
+        pass
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     cfg = TrainConfig.model_validate(loop_config["train"])
     label_names: list[str] = loop_config["label_names"]
     run_uri: str = loop_config["run_uri"]
@@ -179,33 +299,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tb = TensorBoard(run_uri, storage_kw) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
 
+    run_started, epochs_run = time.perf_counter(), 0
+    exported = False  # the method's export files (tokenizer, configs) go into best/ once per process
+    if rank == 0:
+        log.info("training %s: %d epochs (from epoch %d), %d train rows, %d worker(s) on %s, global batch %d, "
+                 "%d steps per epoch", cfg.model, cfg.epochs, start_epoch + 1, loop_config["n_train"], world,
+                 device.type, cfg.batch_size, steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         step_ctx.epoch = epoch
         torch.manual_seed(cfg.seed + 1000 * epoch + rank)  # dropout etc.: reproducible after a resume
         model.train()
-        started, sums, count = time.perf_counter(), {}, 0
-        batches = train_shard.iter_batches(
-            batch_size=per_worker, batch_format="numpy",
+        epoch_started = time.perf_counter()
+        sums = LossSums(device)
+        progress = StepProgress(sums, cfg.log_every_s, epoch, cfg.epochs, steps_per_epoch, world, tb) if rank == 0 else None
+        # Ray Data collates (the method's numpy → tensors) and, on a GPU, pins and copies the next
+        # batches in its prefetch threads while this thread runs the step.
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker, prefetch_batches=cfg.prefetch_batches,
+            collate_fn=TorchCollate(method), device=device, pin_memory=on_gpu,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed + epoch) if cfg.shuffle_buffer else None,
         )
-        for batch in batches:
-            tensors = method.collate(batch, device)
+        step = 0
+        for step, tensors in enumerate(batches, 1):
             terms = method.train_step(model, tensors, step_ctx)
-            n = len(batch["label"])
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value * n
-            count += n
-            if tb is not None:
-                tb.scalars({f"step/{k}": v for k, v in terms.items()}, step_ctx.global_step)
+            sums.add(terms, int(tensors["labels"].shape[0]))
+            if progress is not None:
+                progress.step(step, step_ctx.global_step)
+        if progress is not None:
+            progress.epoch_end(step, step_ctx.global_step)
         if cfg.scheduler == "step":
             scheduler.step()
-        train_terms = _mean_over_ranks(sums, count, device)
-        epoch_seconds = time.perf_counter() - started
-        samples = int(distributed.all_reduce_sum(torch.tensor([count], device=device)).item())
+        train_terms, samples = sums.mean_over_ranks()
+        train_seconds = time.perf_counter() - epoch_started
 
         metrics: dict[str, Any] = {"epoch": epoch, "global_step": step_ctx.global_step,
-                                   "train_samples_per_s": samples / max(epoch_seconds, 1e-9),
+                                   "train_samples_per_s": samples / max(train_seconds, 1e-9),
                                    **{f"train_{k}": v for k, v in train_terms.items()}}
         for group in optimizer.param_groups:
             metrics[f"lr_{group.get('name', 'group')}"] = group["lr"]
@@ -213,14 +342,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 dev = evaluate(method, module, ray.train.get_dataset_shard("dev").iter_batches(
-                    batch_size=cfg.eval_batch_size, batch_format="numpy"), device, step_ctx.autocast)
+                    batch_size=cfg.eval_batch_size, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
+                    device, step_ctx.autocast)
                 dev_metrics = classification_metrics(dev["label"], dev["pred"], label_names)
                 metrics.update(scalar_metrics(dev_metrics, "dev_"))
                 value = metrics.get(f"dev_{best_metric}", -math.inf)
                 if value > best_value:
                     best_value, best_epoch = value, epoch
-                    save_best(run_uri, module, {"epoch": epoch, "metric": best_metric, "value": value,
-                                                "dev": dev_metrics, **method.model_card(cfg)}, **storage_kw)
+                    _save_best(cfg, method, module, loop_config, best_metric, storage_kw, exported,
+                               {"epoch": epoch, "metric": best_metric, "value": value, "dev": dev_metrics,
+                                **method.model_card(cfg)})
+                    exported = True
                 state = {"next_epoch": epoch + 1, "global_step": step_ctx.global_step,
                          "best_value": best_value, "best_epoch": best_epoch}
                 save_checkpoint_dir(folder, module, optimizer, scheduler, state)
@@ -234,10 +366,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tb.flush()
                 _append_history(run_uri, metrics, storage_kw)
             ray.train.report(metrics, checkpoint=ckpt)
+        epochs_run += 1
+        if rank == 0:
+            now = time.perf_counter()
+            elapsed = now - run_started
+            eta = elapsed / epochs_run * (cfg.epochs - epoch - 1)
+            log.info("epoch %d/%d | train %s | dev %s %.4f (best %.4f, epoch %d) | %.1f samples/s | "
+                     "epoch %s (eval+checkpoint %s) | elapsed %s | ETA %s", epoch + 1, cfg.epochs,
+                     _terms_text(train_terms), best_metric, metrics.get(f"dev_{best_metric}", float("nan")),
+                     best_value, best_epoch + 1, metrics["train_samples_per_s"], _duration(now - epoch_started),
+                     _duration(now - epoch_started - train_seconds), _duration(elapsed), _duration(eta))
 
     if rank == 0:
         _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
                 loop_config, resumed_from, tb)
+
+
+def _save_best(cfg: TrainConfig, method: Method, module: torch.nn.Module, loop_config: dict[str, Any],
+               best_metric: str, storage_kw: dict[str, Any], exported: bool, state: dict[str, Any]) -> None:
+    """``<run>/best/``: the weights and state, the model card, and (first time) the method's files."""
+    card = model_card(cfg, loop_config["label_names"], loop_config["task"], loop_config["dataset"], best_metric,
+                      method.model_card(cfg))
+    with tempfile.TemporaryDirectory(prefix="umaf-export-") as files:
+        if not exported:
+            method.export_files(module, cfg, Path(files))
+        save_best(loop_config["run_uri"], module, state, card=card, files=None if exported else Path(files),
+                  **storage_kw)
 
 
 def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
@@ -248,8 +402,10 @@ def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_me
     best_state = load_best(run_uri, module, **storage_kw) or {}
     results: dict[str, Any] = {}
     for split in ("dev", "test"):
+        method.observe_eval(split)
         pred = evaluate(method, module, ray.train.get_dataset_shard(split).iter_batches(
             batch_size=cfg.eval_batch_size, batch_format="numpy"), device, step_ctx.autocast)
+        method.observe_eval(None)
         results[split] = classification_metrics(pred["label"], pred["pred"], label_names)
         buffer = pa.BufferOutputStream()
         pq.write_table(predictions_table(pred, split, label_names), buffer)

@@ -16,8 +16,12 @@ metrics, predictions and TensorBoard. A method supplies only what differs, throu
 ``collate``            a numpy batch from Ray Data → tensors on the device
 ``train_step``         one batch: forward, loss(es), and *its own* backward + optimizer step(s) through
                        ``ctx.backward_step(loss)`` — SPP-SCL calls it twice per batch (Algorithm 1);
-                       returns scalar loss terms for logging
+                       returns its loss terms for logging as detached 0-d tensors (the loop sums
+                       them on the device and reads them once per logging interval: no
+                       ``float()``/``.item()`` here, which would make the host wait for the GPU)
 ``predict``            eval-mode forward → ``(logits [B, C], features [B, d])``
+``export_files``       tokenizer and configs copied into ``<run>/best/`` beside the weights, for
+                       ``umaf.models.load_run`` and the predict job
 =====================  =========================================================================
 
 Under DDP ``model`` given to ``train_step`` is the DDP wrapper: call ``model(**inputs)`` (so
@@ -36,6 +40,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,7 +79,7 @@ class StepContext:
     autocast_dtype: torch.dtype | None = None  # bf16 on GPU; None = full precision
     grad_clip: float | None = None
     on_optimizer_step: Callable[[], None] | None = None  # the loop's per-step LR schedule
-    last_grad_norm: float = field(default=float("nan"))
+    last_grad_norm: torch.Tensor | float = field(default=float("nan"))  # a tensor: reading it syncs the device
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the forward pass (bf16 needs no loss scaling)."""
@@ -89,7 +94,7 @@ class StepContext:
             if params is None:
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.last_grad_norm = float(norm)
+            self.last_grad_norm = norm.detach()  # not float(norm): that would sync the GPU every step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -116,6 +121,11 @@ class Method(ABC):
     def preprocess(self, ds: ray.data.Dataset, cfg: TrainConfig, split: str) -> ray.data.Dataset:
         """Rows with ``id``, ``label`` and the prepared columns → model-ready columns (+ ``id``, ``label``)."""
 
+    def preprocess_splits(self, datasets: dict[str, ray.data.Dataset], cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
+        """Every split at once (the driver calls this): a method whose preprocessing loads models can
+        load them once for all splits. Default: :meth:`preprocess` per split."""
+        return {split: self.preprocess(ds, cfg, split) for split, ds in datasets.items()}
+
     @abstractmethod
     def build_model(self, cfg: TrainConfig, num_classes: int) -> torch.nn.Module: ...
 
@@ -128,12 +138,17 @@ class Method(ABC):
         """Numpy batch → tensors on ``device``; must include ``labels`` (int64)."""
 
     @abstractmethod
-    def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
-        """Forward, loss, ``ctx.backward_step(loss)`` (once or more); returns loss terms for logging."""
+    def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
+        """Forward, loss, ``ctx.backward_step(loss)`` (once or more); returns loss terms for logging
+        (detached tensors, left on the device; plain floats only for host-side constants)."""
 
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval forward (the loop sets eval mode and no_grad): ``(logits, features)``."""
+
+    def observe_eval(self, split: str | None) -> None:
+        """Rank 0's final evaluation says which split its next ``predict`` calls belong to (None: done), so
+        a method can record something from the same forward passes (UMAF: Figure 3's attention on test)."""
 
     def find_unused_parameters(self, cfg: TrainConfig) -> bool:
         """Whether DDP must tolerate parameters without gradient in a step."""
@@ -142,6 +157,11 @@ class Method(ABC):
     def model_card(self, cfg: TrainConfig) -> dict[str, Any]:
         """Method-specific facts written next to the checkpoint (e.g. tokenizer path)."""
         return {}
+
+    def export_files(self, model: torch.nn.Module, cfg: TrainConfig, folder: Path) -> None:
+        """Write into ``folder`` what, besides the weights and the model card, a user needs to run the
+        model outside Ray (tokenizer, encoder and processor configs); it is copied into ``<run>/best/``
+        with the first best model of a training process. Default: nothing."""
 
     def finish(self, model: torch.nn.Module, cfg: TrainConfig, split_batches: Callable[[str], Any],
                label_names: list[str], device: torch.device, run_uri: str, storage_kw: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ checkpoints and our files sit together::
     <out>/config.yaml                resolved config
     <out>/data_report.json           pairs per split, with/without caption, dropped
     <out>/checkpoint_*/              Ray Train checkpoints (latest + best kept)
-    <out>/best/model.pt, state.json  best model by the dev metric
+    <out>/best/model.safetensors, model.json, state.json, tokenizer/...  best model (the run's export)
     <out>/metrics.json               dev + test metrics of the best model, majority baseline
     <out>/history.json               every epoch's reported metrics (loss terms, dev metrics, LRs, samples/s)
     <out>/predictions/{dev,test}.parquet
@@ -17,57 +17,25 @@ Rerunning with the same ``out`` resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import posixpath
+import time
 from typing import Any
 
 import pyarrow.compute as pc
 
 from umaf import storage
 from umaf.config import dump_yaml
+from umaf.errors import UserError
+from umaf.raycluster import connect_ray, job_env_vars
 from umaf.data.manifest import label_column, read_manifest
 from umaf.train.config import TrainConfig
 from umaf.train.method import get_method
 from umaf.train.metrics import majority_baseline
 
 logger = logging.getLogger(__name__)
-
-# The driver's storage and hub settings follow the job to its Ray processes (Train controller and
-# workers write checkpoints to s3://), as `ray job submit --runtime-env-json` would pass them.
-# Credentials are not among them (see storage.FORWARDED_ENV_VARS).
-PROPAGATED_ENV = (
-    *storage.FORWARDED_ENV_VARS, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "UMAF_ENCODER_CACHE",
-    "RAY_AUTH_MODE",
-)
-
-
-def job_env_vars() -> dict[str, str]:
-    """The driver's settings for its Ray processes, less those a submitted job's runtime env already
-    sets: under ``ray job submit`` those reach every process anyway, and ``ray.init`` refuses a
-    runtime env that names the same environment variable as the job's ("Failed to merge")."""
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {} if job_config else {}
-    return {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k) and k not in job_env}
-
-
-def ensure_ray(cfg: TrainConfig) -> bool:
-    """Join the cluster (``ray.address``, or ``RAY_ADDRESS`` under ``ray job submit``), else start a
-    local one. Returns True when this call started Ray (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": job_env_vars()}, "log_to_driver": True}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # Keep the dashboard on: Train V2 inside Tune needs it; harmless otherwise.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, **kwargs)
-    return True
-
 
 def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     """No manifest given: write (once) and use the demo dataset and its reference captions."""
@@ -88,7 +56,7 @@ def _run_location(out: str, kw: dict[str, Any]):
     fs, path = storage.resolve(out, **kw)
     parent, name = posixpath.split(path.rstrip("/")) if storage.is_s3(out) else os.path.split(path.rstrip(os.sep))
     if not name or not parent:
-        raise ValueError(f"out={out!r} must name a run folder inside a bucket/folder (e.g. s3://bucket/runs/r1)")
+        raise UserError(f"out={out!r} must name a run folder inside a bucket/folder (e.g. s3://bucket/runs/r1)")
     return fs, parent, name
 
 
@@ -96,27 +64,40 @@ def prepare_datasets(cfg: TrainConfig) -> dict[str, Any]:
     """Manifest (+ method-specific join) → per split Ray Datasets of model-ready columns, materialised once."""
     import ray.data
 
+    # The splits are iterated every epoch inside Ray workers: by the split coordinator (with the
+    # dataset's own DataContext, fixed when it is made here) and by the Train workers (with the
+    # DataContext Ray Train captures when the trainer is made). Without tqdm_ray they log their
+    # progress at INFO, which QUIET_ENV keeps out, instead of redrawing bars in the driver's console.
+    # The setting only matters inside Ray workers, so it is set for this process for good.
+    ray.data.DataContext.get_current().use_ray_tqdm = False
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
     manifest = read_manifest(cfg.manifest, **kw)
     task = cfg.task or manifest.tasks[0]
     if task not in manifest.labels:
-        raise ValueError(f"task {task!r} is not in manifest {cfg.manifest}: it has {', '.join(manifest.tasks)}")
+        raise UserError(f"task {task!r} is not in manifest {cfg.manifest}: it has {', '.join(manifest.tasks)}; "
+                        "pick one with --task")
     method = get_method(cfg.model)
     table = manifest.table
     table = table.append_column("label", table[label_column(task)])
     prepared = method.prepare_table(table, cfg, label_column(task))
-    datasets, counts, labels = {}, {}, {}
+    raw, counts, labels = {}, {}, {}
     for split in ("train", "dev", "test"):
         part = prepared.table.filter(pc.equal(prepared.table["split"], split))
         if cfg.max_rows_per_split:
             part = part.slice(0, cfg.max_rows_per_split)
         if part.num_rows == 0:
-            raise ValueError(f"manifest {cfg.manifest} has no '{split}' rows left for training (after the caption policy)")
+            raise UserError(f"manifest {cfg.manifest} has no '{split}' rows left for training (after the caption "
+                            f"policy missing_caption={cfg.missing_caption}); check the manifest's splits and captions")
         counts[split] = part.num_rows
         labels[split] = part["label"].to_numpy()
-        ds = ray.data.from_arrow(part)
-        # Materialise once: tokenisation / feature extraction must not rerun every epoch.
-        datasets[split] = method.preprocess(ds, cfg, split).materialize()
+        raw[split] = ray.data.from_arrow(part)
+    started = time.time()
+    with quiet_datasets():
+        # All splits at once (SPP-SCL loads its frozen encoders once for all of them). Materialise
+        # once: tokenisation / feature extraction must not rerun every epoch.
+        datasets = {split: ds.materialize() for split, ds in method.preprocess_splits(raw, cfg).items()}
+    logger.info("prepared %s: %d train, %d dev, %d test pairs in %.1fs", cfg.model, counts["train"], counts["dev"],
+                counts["test"], time.time() - started)
     label_names = manifest.labels[task]
     return {
         "datasets": datasets,
@@ -133,8 +114,26 @@ def prepare_datasets(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """Preparing the splits takes seconds and gets one line of its own: Ray Data's start, plan,
+    progress and finish lines stay out of this process's log meanwhile."""
+    from ray.data import DataContext
+
+    from umaf.progress import quiet_ray_data_logs
+
+    ctx = DataContext.get_current()
+    saved = ctx.print_on_execution_start
+    ctx.print_on_execution_start = False
+    try:
+        with quiet_ray_data_logs():
+            yield
+    finally:
+        ctx.print_on_execution_start = saved
+
+
 def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None = None):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from umaf.train.loop import train_loop_per_worker
@@ -172,6 +171,9 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
             ),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": job_env_vars()},
+            # Ray Train's INFO lines (every report, every checkpoint, per worker) would drown the
+            # run's own per-epoch lines; warnings and errors still show, and the files keep all.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=data["datasets"],
         # Only train is sharded; rank 0 evaluates dev/test whole, in a fixed order.
@@ -181,7 +183,9 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
 
 def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run one training job end to end; returns the run's ``metrics.json`` content."""
-    started = ensure_ray(cfg)
+    cfg = resolve_inputs(cfg)
+    check_locations(cfg)  # before Ray starts: a wrong URI is said in a second, not after a minute
+    started = connect_ray(cfg.ray)
     try:
         return _run(cfg, callbacks)
     finally:
@@ -191,18 +195,36 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, A
             ray.shutdown()
 
 
-def _run(cfg: TrainConfig, callbacks: list | None) -> dict[str, Any]:
-    cfg = resolve_inputs(cfg)
+def check_locations(cfg: TrainConfig) -> None:
+    """Inputs exist and the run folder can be written, or a :class:`UserError` that says which and
+    what to do, before Ray Train starts (not a traceback from a worker minutes later)."""
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
-    storage.makedirs(cfg.out, **kw)
+    storage.require(cfg.manifest, "manifest", "make one with jobs/prepare.py, or fix --manifest", **kw)
+    if cfg.model == "umaf" and cfg.umaf.use_captions and cfg.captions:
+        storage.require(cfg.captions, "captions", "make them with jobs/caption.py, or train text-only with "
+                        "umaf.use_captions=false", **kw)
+    storage.require_folder(cfg.out, "run folder", **kw)
+
+
+def _run(cfg: TrainConfig, callbacks: list | None) -> dict[str, Any]:
+    kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
+    logger.info("train %s: manifest %s%s → run folder %s", cfg.model, cfg.manifest,
+                f" + captions {cfg.captions}" if cfg.model == "umaf" and cfg.captions and cfg.umaf.uses_captions else "",
+                cfg.out)
     storage.write_text_atomic(storage.join(cfg.out, "config.yaml"), dump_yaml(cfg), **kw)
     data = prepare_datasets(cfg)
     storage.write_json_atomic(storage.join(cfg.out, "data_report.json"), data["report"], **kw)
+    # Rows without T_vlm by design (text-only ablation, Table 3's text / image rows) are not worth a warning.
+    captions_used = data["report"].get("captions_used", True)
     for split, counts in data["report"].get("splits", {}).items():
-        if counts.get("without_caption"):
+        if captions_used and counts.get("without_caption"):
             logger.warning("%s: %d of %d pairs have no ok caption (policy missing_caption=%s)", split,
                            counts["without_caption"], counts["pairs"], cfg.missing_caption)
     trainer = build_trainer(cfg, data, callbacks)
+    counts = data["report"]["rows_used"]
+    logger.info("training %s on %s/%s: %d train, %d dev, %d test pairs; %d epochs, %d %s worker(s), global batch %d",
+                cfg.model, data["dataset"], data["task"], counts["train"], counts["dev"], counts["test"], cfg.epochs,
+                cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", cfg.batch_size)
     trainer.fit()
     return storage.read_json(storage.join(cfg.out, "metrics.json"), **kw)
 
@@ -213,4 +235,4 @@ def baseline_beaten(metrics: dict[str, Any], metric: str | None = None) -> bool:
     return float(metrics["test"][metric]) > float(metrics["majority_baseline"]["test"][metric])
 
 
-__all__ = ["run_training", "build_trainer", "prepare_datasets", "ensure_ray", "baseline_beaten"]
+__all__ = ["run_training", "build_trainer", "prepare_datasets", "baseline_beaten"]

@@ -32,14 +32,19 @@ RAW_COLUMNS = ("pixel_values", "input_ids", "attention_mask")
 
 
 def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                    config: SppSclConfig, ctx: StepContext) -> dict[str, float]:
-    """One batch of SPP-SCL training (Algorithm 1); returns the loss terms and whether step 2 ran.
+                    config: SppSclConfig, ctx: StepContext) -> dict[str, torch.Tensor | float]:
+    """One batch of SPP-SCL training (Algorithm 1); returns the loss terms (detached tensors, left on
+    the device for the loop to read once per logging interval) and whether step 2 ran.
+
+    ``step2`` is 1.0 when the second update (L_clm) ran on this batch, else 0.0: the loop averages it
+    over the epoch, so ``train_step2`` in ``history.json`` (``train/step2`` in TensorBoard) is the
+    fraction of the epoch's batches on which the configured alpha check fired step 2.
 
     Contrastive losses see the global batch (``gather_with_grad``); CE stays per rank (DDP's mean of
     equal per-rank means is the global mean). The step-2 decision is reduced across ranks inside
     ``needs_inter_alignment``, so every rank takes the same number of backward passes.
     """
-    tau, compat, variant = config.tau, config.compat, config.variant
+    tau, compat, variant, positives = config.tau, config.compat, config.variant, config.inter_positives
     labels_all = distributed.gather_no_grad(labels)
 
     with ctx.autocast():
@@ -50,31 +55,31 @@ def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lab
     zero = ce.new_zeros(())
     l_cli = supcon_loss(image_all, labels_all, tau, compat) if variant != "no_intra" else zero
     l_clt = supcon_loss(text_all, labels_all, tau, compat) if variant != "no_intra" else zero
-    terms = {"ce": float(ce.detach()), "l_cli": float(l_cli.detach()), "l_clt": float(l_clt.detach())}
+    terms = {"ce": ce.detach(), "l_cli": l_cli.detach(), "l_clt": l_clt.detach()}
 
     if variant == "one_step":
         # Table 4's one-step baseline: every loss of Eq. 7 in one update, on the same features.
-        l_clm = supcon_cross_loss(text_all, image_all, labels_all, tau, compat)
+        l_clm = supcon_cross_loss(text_all, image_all, labels_all, tau, compat, positives)
         loss = config.ce_weight * ce + l_cli + l_clt + l_clm
         ctx.backward_step(loss)
-        return {**terms, "l_clm": float(l_clm.detach()), "loss": float(loss.detach()), "step2": 1.0}
+        return {**terms, "l_clm": l_clm.detach(), "loss": loss.detach(), "step2": 1.0}
 
     # Step 1 (Algorithm 1 lines 3–5): intra-modal alignment with the classifier.
     loss1 = config.ce_weight * ce + l_cli + l_clt
     ctx.backward_step(loss1)
     if variant == "no_inter":
-        return {**terms, "l_clm": 0.0, "loss": float(loss1.detach()), "step2": 0.0}
+        return {**terms, "l_clm": 0.0, "loss": loss1.detach(), "step2": 0.0}
 
     # Line 7: I_p', T_p' from the updated model; only the embeddings are needed.
     with ctx.autocast():
         out2: SppSclOutput = model(**inputs, embeddings_only=True)
     # Lines 8–12, one decision for all ranks.
-    if needs_inter_alignment(out2.text_p, out2.image_p, labels, config.alpha, compat):
+    if needs_inter_alignment(out2.text_p, out2.image_p, labels, config.alpha, config.resolved_alignment_check):
         l_clm = supcon_cross_loss(distributed.gather_with_grad(out2.text_p).float(),
-                                  distributed.gather_with_grad(out2.image_p).float(), labels_all, tau, compat)
+                                  distributed.gather_with_grad(out2.image_p).float(), labels_all, tau, compat, positives)
         ctx.backward_step(l_clm)  # lines 13–14
-        return {**terms, "l_clm": float(l_clm.detach()), "loss": float(loss1.detach() + l_clm.detach()), "step2": 1.0}
-    return {**terms, "l_clm": 0.0, "loss": float(loss1.detach()), "step2": 0.0}
+        return {**terms, "l_clm": l_clm.detach(), "loss": loss1.detach() + l_clm.detach(), "step2": 1.0}
+    return {**terms, "l_clm": 0.0, "loss": loss1.detach(), "step2": 0.0}
 
 
 @functools.lru_cache(maxsize=2)
@@ -156,6 +161,26 @@ class SppSclMethod(Method):
             concurrency=cfg.preprocess_concurrency,
         )
 
+    def preprocess_splits(self, datasets, cfg):
+        """With the feature cache: every missing split's features in one Ray Data job, so each encoder
+        actor loads ResNet and BERT once for all splits."""
+        if not cfg.sppscl.use_feature_cache:
+            return super().preprocess_splits(datasets, cfg)
+        from umaf.models.encoders import resolve_encoder
+        from umaf.models.image_encoder import resolve_image_encoder
+        from umaf.train.feature_cache import load_or_build_splits
+
+        s: SppSclConfig = cfg.sppscl
+        resolve_encoder(s.text_encoder)  # build tiny encoders once here (driver), not in every actor
+        resolve_image_encoder(s.image_encoder)
+        built = load_or_build_splits(
+            datasets, cache_dir=s.cache_dir or default_cache_dir(cfg.out), image_encoder=s.image_encoder,
+            text_encoder=s.text_encoder, image_size=s.image_size, max_length=s.max_length,
+            storage_kw=self._storage_kw(cfg), concurrency=cfg.preprocess_concurrency, use_gpu=cfg.use_gpu,
+        )
+        self.cache_info.update({split: info for split, (_, info) in built.items()})
+        return {split: ds for split, (ds, _) in built.items()}
+
     def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
         return SppSclModel(cfg.sppscl, num_classes, with_encoders=not cfg.sppscl.use_feature_cache)
 
@@ -184,7 +209,7 @@ class SppSclMethod(Method):
     def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in ("image_map", "text_states", "pixel_values", "input_ids", "attention_mask")}
 
-    def train_step(self, model, batch, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, model, batch, ctx: StepContext) -> dict[str, torch.Tensor | float]:
         if batch["labels"].shape[0] < 2:
             # BatchNorm cannot train on one sample and a contrastive loss has no pair. Train V2 splits
             # the train set evenly, so every rank skips the same last batch (no DDP mismatch).
@@ -232,6 +257,21 @@ class SppSclMethod(Method):
             model.train(was_training)
         return {"distances": summary, "tsne": storage.join(run_uri, "diagnostics", "tsne_test.png")}
 
+    def export_files(self, model, cfg, folder) -> None:
+        """The tokenizer, the image processor and both encoders' configs. The frozen encoders' weights
+        are not copied: they load by name (``image_encoder``/``text_encoder`` in the card) as in training."""
+        from transformers import AutoConfig
+
+        from umaf.models.encoders import resolve_encoder
+        from umaf.models.image_encoder import resolve_image_encoder
+
+        s: SppSclConfig = cfg.sppscl
+        processor, tokenizer = _input_processors(s.image_encoder, s.text_encoder)
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
+        processor.save_pretrained(str(folder / "image_processor"))
+        AutoConfig.from_pretrained(resolve_image_encoder(s.image_encoder)).save_pretrained(str(folder / "image_encoder"))
+        AutoConfig.from_pretrained(resolve_encoder(s.text_encoder)).save_pretrained(str(folder / "text_encoder"))
+
     def find_unused_parameters(self, cfg) -> bool:
         # Step 2 (L_clm) and the embeddings-only re-forward leave CMF and the classifier without gradient.
         return cfg.sppscl.variant in ("two_step", "no_intra")
@@ -240,4 +280,5 @@ class SppSclMethod(Method):
         s = cfg.sppscl
         return {"image_encoder": s.image_encoder, "text_encoder": s.text_encoder, "image_size": s.image_size,
                 "max_length": s.max_length, "feature_cache": s.use_feature_cache, "compat": s.compat,
-                "variant": s.variant, "fusion": s.fusion}
+                "variant": s.variant, "fusion": s.fusion, "inter_positives": s.inter_positives,
+                "alignment_check": s.resolved_alignment_check, "text_layers": s.text_layers}

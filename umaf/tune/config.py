@@ -12,8 +12,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from umaf.config import ConfigError, RayConfig, StorageConfig, StrictModel, load_config
+from umaf.config import ConfigError, PathOrUri, RayConfig, StorageConfig, StrictModel, load_config
 from umaf.tune.space import SearchConfig, resolve_space
+
+
+# A swept key that is not a training key: each value names a whole train preset (all its keys at once).
+PRESET_KEY = "train_preset"
 
 
 class SchedulerConfig(StrictModel):
@@ -33,11 +37,12 @@ class TrialResources(StrictModel):
 
 class TuneConfig(StrictModel):
     model: Literal["umaf", "sppscl"] = Field("umaf", description="which method to sweep")
-    manifest: str | None = Field(None, description="manifest URI; None: the demo dataset under out/demo")
-    captions: str | None = Field(None, description="captions URI (UMAF); None with no manifest: the demo's reference captions")
+    manifest: PathOrUri | None = Field(None, description="manifest URI; None: the demo dataset under out/demo")
+    captions: PathOrUri | None = Field(None, description="captions URI (UMAF); None with no manifest: the demo's reference captions")
     task: str | None = Field(None, description="label task; None: the manifest's first task")
-    out: str = Field("runs/tune", description="the sweep folder (local or s3://); rerun with --resume to continue")
+    out: PathOrUri = Field("runs/tune", description="the sweep folder (local or s3://); rerun with --resume to continue")
     name: str = Field("sweep", description="sweep name (a folder under out)")
+    resume: bool = Field(False, description="restore the sweep at <out>/<name> (Tuner.restore) and finish it")
 
     train_preset: str = Field("tiny", description="jobs/train.py preset the trials start from")
     train: dict[str, Any] = Field(
@@ -63,19 +68,30 @@ class TuneConfig(StrictModel):
             raise ValueError(str(exc)) from None
         return self
 
-    def base_train_config(self):
+    def swept_presets(self) -> list[str]:
+        """The train presets a ``search.space.train_preset`` grid/choice sweeps (UMAF's Table 3: one
+        preset per row); empty when the sweep varies keys of one preset."""
+        dist = self.search.space.get(PRESET_KEY)
+        return [str(p) for p in (dist.grid or dist.choice or [])] if dist is not None else []
+
+    def base_train_config(self, preset: str | None = None):
         """The trials' common TrainConfig: preset → ``train:`` overrides → the sweep's data keys.
 
-        Raises :class:`ConfigError` naming a bad ``train.*`` key or a swept key TrainConfig lacks.
+        ``preset``: one of :meth:`swept_presets` instead of ``train_preset``. Raises
+        :class:`ConfigError` naming a bad ``train.*`` key or a swept key TrainConfig lacks.
         """
         from umaf.train.config import TrainConfig
 
+        if preset is None:
+            for other in self.swept_presets():  # every swept preset must load, before any work
+                self.base_train_config(other)
+        preset = preset or self.train_preset
         overrides = [f"{key}={_yaml_scalar(value)}" for key, value in _flatten(self.train).items()]
         extra = {"model": self.model, "manifest": self.manifest, "captions": self.captions, "task": self.task}
         try:
-            config = load_config(TrainConfig, "train", preset=self.train_preset, overrides=overrides, extra=extra)
+            config = load_config(TrainConfig, "train", preset=preset, overrides=overrides, extra=extra)
         except ConfigError as exc:
-            raise ConfigError(f"in the sweep's train settings (train_preset={self.train_preset!r}, train.*): {exc}") from None
+            raise ConfigError(f"in the sweep's train settings (train_preset={preset!r}, train.*): {exc}") from None
         if self.resources.num_workers is not None:
             config.num_workers = self.resources.num_workers
         if self.resources.cpus_per_worker is not None:
@@ -85,6 +101,8 @@ class TuneConfig(StrictModel):
             config.use_gpu = bool(self.resources.gpus_per_worker)
         # Every swept key must be a real training key, or the sweep would silently sweep nothing.
         for key in resolve_space(self.model, self.search.space):
+            if key == PRESET_KEY:
+                continue
             node: Any = config
             for part in key.split("."):
                 if not hasattr(node, part) or part not in type(node).model_fields:

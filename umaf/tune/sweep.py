@@ -27,9 +27,10 @@ import pyarrow as pa
 
 from umaf import storage
 from umaf.config import dump_yaml
+from umaf.train.checkpoint import has_best, load_best
 from umaf.train.config import TrainConfig
-from umaf.tune.config import TuneConfig
-from umaf.tune.space import nested_update, resolve_space, short_name
+from umaf.tune.config import PRESET_KEY, TuneConfig
+from umaf.tune.space import grid_size, nested_update, resolve_space, short_name
 
 log = logging.getLogger("umaf.tune")
 
@@ -43,16 +44,22 @@ TRIAL_ID_IN_PATH = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 # The trial
 
 
-def trial_train_config(base: dict[str, Any], params: dict[str, Any], run_uri: str) -> TrainConfig:
-    """The base TrainConfig with a trial's sampled values (dotted keys) and its own run folder."""
+def trial_train_config(base: dict[str, Any], params: dict[str, Any], run_uri: str,
+                       preset_bases: dict[str, dict[str, Any]] | None = None) -> TrainConfig:
+    """The base TrainConfig with a trial's sampled values (dotted keys) and its own run folder; a swept
+    ``train_preset`` picks that preset's base config (``preset_bases``) instead."""
+    if params.get(PRESET_KEY) is not None:
+        base = (preset_bases or {})[params[PRESET_KEY]]
     data = {key: (dict(value) if isinstance(value, dict) else value) for key, value in base.items()}
     for key, value in params.items():
-        nested_update(data, key, value)
+        if key != PRESET_KEY:
+            nested_update(data, key, value)
     data["out"] = run_uri
     return TrainConfig.model_validate(data)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -> None:
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str,
+              preset_bases: dict[str, dict[str, Any]] | None = None) -> None:
     """Tune trainable: one training run of the sampled config, reporting every epoch to Tune.
 
     A retried or restored trial reruns this with the same trial id, hence the same run folder, and
@@ -64,7 +71,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) ->
     from umaf.train.run import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_train_config(base, params, storage.join(runs_uri, trial_id))
+    cfg = trial_train_config(base, params, storage.join(runs_uri, trial_id), preset_bases)
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
     if storage.exists(storage.join(cfg.out, "metrics.json"), **kw):
         # The run finished, but the sweep's driver died before Tune recorded it: hand Tune the
@@ -94,11 +101,12 @@ def prepare_base(cfg: TuneConfig) -> TrainConfig:
     written once under the sweep, and SPP-SCL's frozen-feature cache is built here, before any
     trial starts, into ``<sweep>/feature_cache`` which every trial then reads.
     """
-    from umaf.train.run import prepare_datasets, resolve_inputs
+    from umaf.train.run import check_locations, prepare_datasets, resolve_inputs
 
     base = cfg.base_train_config()
     base = base.model_copy(update={"out": storage.join(sweep_uri(cfg), "shared")})
     base = resolve_inputs(base)  # the demo dataset, when no manifest was given
+    check_locations(base)  # inputs exist, the sweep folder is writable: said before any trial starts
     if base.model == "sppscl":
         sppscl = base.sppscl.model_copy(update={"cache_dir": base.sppscl.cache_dir or storage.join(sweep_uri(cfg), "feature_cache")})
         base = base.model_copy(update={"sppscl": sppscl})
@@ -106,6 +114,13 @@ def prepare_base(cfg: TuneConfig) -> TrainConfig:
             log.info("building the SPP-SCL frozen-feature cache once for all trials: %s", sppscl.cache_dir)
             prepare_datasets(base)
     return base
+
+
+def preset_bases(cfg: TuneConfig, base: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Each swept preset's trial config, on the base's resolved data and sweep folder."""
+    shared = {"out": base.out, "manifest": base.manifest, "captions": base.captions}
+    return {preset: cfg.base_train_config(preset).model_copy(update=shared).model_dump(mode="json")
+            for preset in cfg.swept_presets()}
 
 
 def default_max_concurrent(base: TrainConfig) -> int:
@@ -129,14 +144,17 @@ def build_tuner(cfg: TuneConfig, base: TrainConfig, resume: bool = False):
     space = resolve_space(cfg.model, cfg.search.space)
     metric = f"dev_{cfg.metric or base.resolved_best_metric(_dataset_name(base))}"
     trainable = ray.tune.with_parameters(
-        run_trial, base=base.model_dump(mode="json"), runs_uri=storage.join(sweep_uri(cfg), "runs")
+        run_trial, base=base.model_dump(mode="json"), runs_uri=storage.join(sweep_uri(cfg), "runs"),
+        preset_bases=preset_bases(cfg, base),
     )
     # The trial function only drives Train: its workers hold the CPUs/GPUs, so the trial itself asks
     # for a sliver (Tune refuses an empty request) and max_concurrent_trials bounds how many run at once.
     trainable = ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     fs, path = storage.resolve(cfg.out, **_storage_kw(cfg))
     if resume:
-        restore_path = sweep_uri(cfg) if storage.is_s3(cfg.out) else os.path.join(path, cfg.name)
+        # With a filesystem given, Tune wants the path on it (``bucket/prefix/name``), not the s3:// URI:
+        # pyarrow's S3FileSystem refuses URIs ("Expected a filesystem path, got a URI").
+        restore_path = f"{path.rstrip('/')}/{cfg.name}" if storage.is_s3(cfg.out) else os.path.join(path, cfg.name)
         # Finished trials stay finished; unfinished (and errored) ones continue from their run folder.
         return ray.tune.Tuner.restore(
             restore_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -158,25 +176,79 @@ def build_tuner(cfg: TuneConfig, base: TrainConfig, resume: bool = False):
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
             raise RuntimeError("search.algorithm=optuna needs the optuna extra: pip install 'umaf[optuna]'") from exc
-        search_alg = OptunaSearch(seed=cfg.search.seed)
-    else:
-        search_alg = BasicVariantGenerator(random_state=cfg.search.seed)
     concurrency = cfg.max_concurrent_trials or default_max_concurrent(base)
+    # The cap must be on the search algorithm itself: Tune applies ``max_concurrent_trials`` only by
+    # wrapping a ``Searcher`` in a ConcurrencyLimiter, and ignores it (with a warning) for a
+    # ``BasicVariantGenerator`` — every grid point then started at once. The generator enforces its
+    # own ``max_concurrent``; a Searcher is wrapped here, so each algorithm is capped the same way.
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=concurrency)
+    else:
+        search_alg = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
     return ray.tune.Tuner(
         trainable,
         param_space={key: dist.to_tune() for key, dist in space.items()},
         tune_config=ray.tune.TuneConfig(
             metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
-            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrency,
+            num_samples=cfg.search.num_samples,
         ),
         run_config=ray.tune.RunConfig(
             name=cfg.name,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
-            verbose=1,
+            # Tune's periodic status table would repeat every trial every half minute; one line per
+            # trial event reads better (and the dashboard's Tune view has the table).
+            verbose=0,
+            callbacks=[trial_progress_callback(cfg.model, list(space), metric,
+                                               grid_size(space) * cfg.search.num_samples)],
         ),
     )
+
+
+def trial_progress_callback(model: str, keys: list[str], metric: str, total: int | None):
+    """A Tune callback logging one line when a trial starts, reports an epoch, and ends."""
+    import time
+
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.started = time.time()
+            self.finished = 0
+
+        def _name(self, trial) -> str:
+            params = ", ".join(f"{short_name(model, k)}={trial.config.get(k)}" for k in keys)
+            return f"trial {trial.trial_id} ({params})"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("%s started", self._name(trial))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else value
+            # Epochs from 1, as the Train workers' epoch lines count them (reports hold them from 0).
+            log.info("%s epoch %d: %s %s", self._name(trial), int(result.get("epoch", -1)) + 1, metric, shown)
+
+        def _ended(self, trial, how: str) -> None:
+            self.finished += 1
+            elapsed = time.time() - self.started
+            eta = ""
+            if total and self.finished < total:
+                eta = f", ETA {elapsed / self.finished * (total - self.finished):.0f}s"
+            log.info("%s %s; %d/%s trials done in %.0fs%s", self._name(trial), how, self.finished,
+                     total or "?", elapsed, eta)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # Finished its epochs, or stopped by ASHA after this one: results.md says which.
+            self._ended(trial, f"ended after epoch {int(trial.last_result.get('epoch', -1)) + 1}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "FAILED")
+
+    return TrialProgress()
 
 
 def _dataset_name(base: TrainConfig) -> str:
@@ -200,14 +272,13 @@ def evaluate_best_on_test(cfg: TrainConfig) -> dict[str, Any] | None:
     """Test metrics of a run's best model (for trials ASHA stopped before their own test pass)."""
     import torch
 
-    from umaf.train.checkpoint import load_best
     from umaf.train.loop import evaluate
     from umaf.train.method import get_method
     from umaf.train.metrics import classification_metrics
     from umaf.train.run import prepare_datasets
 
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
-    if not storage.exists(storage.join(cfg.out, "best", "model.pt"), **kw):
+    if not has_best(cfg.out, **kw):
         return None
     data = prepare_datasets(cfg)
     method = get_method(cfg.model)
@@ -255,14 +326,15 @@ def results_rows(cfg: TuneConfig, base: TrainConfig, grid) -> list[dict[str, Any
             **{f"best_{dev_key}": max(history) if history else None},
             error=(str(result.error).strip().splitlines()[-1][:500] if result.error is not None else None),
             run_uri=run_uri,
-            checkpoint_uri=storage.join(run_uri, "best") if run_uri and storage.exists(storage.join(run_uri, "best", "model.pt"), **kw) else None,
+            checkpoint_uri=storage.join(run_uri, "best") if run_uri and has_best(run_uri, **kw) else None,
         )
         test = None
         if run_uri and storage.exists(storage.join(run_uri, "metrics.json"), **kw):
             test = storage.read_json(storage.join(run_uri, "metrics.json"), **kw).get("test")
         elif row["checkpoint_uri"]:
             params = {key: (result.config or {}).get(key) for key in space}
-            test = evaluate_best_on_test(trial_train_config(base.model_dump(mode="json"), params, run_uri))
+            test = evaluate_best_on_test(trial_train_config(base.model_dump(mode="json"), params, run_uri,
+                                                            preset_bases(cfg, base)))
         for name in ("accuracy", "macro_f1", "weighted_f1"):
             row[f"test_{name}"] = float(test[name]) if test and name in test else None
         rows.append(row)
@@ -337,7 +409,8 @@ def write_results(cfg: TuneConfig, base: TrainConfig, rows: list[dict[str, Any]]
     best = next((r for r in rows if r["status"] != "failed" and r[metric_column] is not None), None) if rows else None
     if best is not None:
         swept = {key: best[short_name(cfg.model, key)] for key in resolve_space(cfg.model, cfg.search.space)}
-        best_cfg = trial_train_config(base.model_dump(mode="json"), swept, storage.join(root, "best_run"))
+        best_cfg = trial_train_config(base.model_dump(mode="json"), swept, storage.join(root, "best_run"),
+                                      preset_bases(cfg, base))
         header = (f"# Best trial {best['trial_id']} of sweep {root}: {metric_column}={best[metric_column]:.4f}\n"
                   f"# Train it: python jobs/train.py --config best_config.yaml out=<run folder>\n")
         storage.write_text_atomic(storage.join(root, "best_config.yaml"), header + dump_yaml(best_cfg), **kw)
@@ -349,23 +422,19 @@ def write_results(cfg: TuneConfig, base: TrainConfig, rows: list[dict[str, Any]]
     return paths
 
 
-def ensure_ray(cfg: TuneConfig) -> bool:
-    """Join ``ray.address``/``RAY_ADDRESS`` or start a local cluster with the dashboard on (Train
-    inside Tune needs it). Trial workers that cannot be placed fail after ``worker_start_timeout_s``."""
-    import ray
-
-    from umaf.train.run import job_env_vars
-
-    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(int(cfg.worker_start_timeout_s)))
-    if ray.is_initialized():
-        return False
-    env = {**job_env_vars(), WORKER_START_TIMEOUT_ENV: os.environ[WORKER_START_TIMEOUT_ENV]}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})
-    return True
+def check_sweep_locations(cfg: TuneConfig, resume: bool) -> None:
+    """Given inputs exist, the sweep folder is writable, and a sweep to resume is there: a
+    :class:`~umaf.errors.UserError` that says which, before any Ray work."""
+    kw = _storage_kw(cfg)
+    if cfg.manifest:
+        storage.require(cfg.manifest, "manifest", "make one with jobs/prepare.py, or fix --manifest", **kw)
+    if cfg.captions:
+        storage.require(cfg.captions, "captions", "make them with jobs/caption.py, or fix --captions", **kw)
+    if resume:
+        storage.require(storage.join(sweep_uri(cfg), "tuner.pkl"), "sweep state",
+                        f"there is no sweep to resume at {sweep_uri(cfg)}; drop --resume to start it, or fix --out/name",
+                        **kw)
+    storage.require_folder(sweep_uri(cfg), "sweep folder", **kw)
 
 
 def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
@@ -380,7 +449,13 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = ensure_ray(cfg)
+    from umaf.raycluster import connect_ray
+
+    # Trial workers that cannot be placed fail after worker_start_timeout_s (no endless wait), and
+    # the dashboard stays on: Train inside Tune needs it.
+    resume = resume or cfg.resume
+    check_sweep_locations(cfg, resume)  # before Ray starts
+    started = connect_ray(cfg.ray, {WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}, dashboard=True)
     try:
         context = ray.get_runtime_context()
         driver = ray.remote(num_cpus=0, max_retries=0)(_run_sweep_here).options(
@@ -397,7 +472,9 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _run_sweep_here(cfg: TuneConfig, resume: bool) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from umaf.cli import setup_logging
+
+    setup_logging()
     base = prepare_base(cfg)
     kw = _storage_kw(cfg)
     storage.makedirs(sweep_uri(cfg), **kw)

@@ -1,0 +1,1 @@
+from vllm._fake import parse_chat_messages_async  # noqa: F401

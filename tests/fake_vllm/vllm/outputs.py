@@ -1,0 +1,1 @@
+from vllm._fake import CompletionOutput, PoolingRequestOutput, RequestOutput  # noqa: F401

@@ -1,0 +1,1 @@
+from vllm._fake import SamplingParams, StructuredOutputsParams  # noqa: F401

@@ -1,0 +1,1 @@
+from vllm._fake import EngineDeadError  # noqa: F401

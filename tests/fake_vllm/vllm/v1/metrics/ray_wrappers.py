@@ -1,0 +1,1 @@
+from vllm._fake import RayPrometheusStatLogger  # noqa: F401

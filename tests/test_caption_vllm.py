@@ -1,0 +1,342 @@
+"""The ``vllm`` backend end to end, with only vLLM itself replaced by a CPU fake.
+
+The caption job runs as ``python jobs/caption.py --backend vllm`` against a Ray cluster of its own
+(logical GPUs, the ``caption_node`` resource of ``cluster/aws.yaml``), whose nodes import
+``tests/fake_vllm`` as ``vllm``. Everything else is real: ``ray.data.llm``'s processor as the job
+builds it (all five stage UDFs, ray's ``vLLMEngineWrapper`` and its error handling,
+``wrap_preprocess``/``wrap_postprocess``), the Ray Data plan, the driver's writer, and S3 (a moto
+server started here, whose request log counts the image reads).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from ray_head import free_port, job_runtime_env_vars, start_head
+from umaf import storage
+from umaf.caption.store import read_captions, read_ok_captions
+from umaf.data.manifest import build_table, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm"
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(500))  # ~3.3k tokens: past max_model_len=1800, within 8192
+
+
+class Moto:
+    """A moto S3 server of this module's own: its request log is read, and it is paused mid-run."""
+
+    def __init__(self, log_path: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"moto did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def gets(self, key_part: str) -> int:
+        return sum(1 for line in self.log_path.read_text(errors="replace").splitlines()
+                   if 'GET /' in line and key_part in line)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    server = Moto(tmp_path_factory.mktemp("moto-vllm") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head with 2 logical GPUs, caption_node=2, the fake vllm first on every worker's path."""
+    record = tmp_path_factory.mktemp("engines")
+    env = {"PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_VLLM_RECORD_DIR": str(record), "FAKE_VLLM_SECONDS_PER_REQUEST": "1.0",
+           "RAY_metrics_report_interval_ms": "500"}
+    head = start_head(num_cpus=8, num_gpus=2, resources={"caption_node": 2}, object_store_mb=300, env=env)
+    head.record_dir = record
+    try:
+        yield head
+    finally:
+        head.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bucket(moto):
+    name = f"umaf-vllm-{os.getpid()}"
+    moto.client().create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def jpeg_bytes(size, color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def make_manifest(moto: Moto, bucket: str, prefix: str, shared_data: Path, n_msed: int, extra: bool) -> list[str]:
+    """MSED dev pairs 1..n_msed (images copied to S3), plus, with ``extra``: a missing image, a 1344x5
+    banner (Qwen2-VL rejects ratios above 200), a 3x2 speck and a text too long for the engine."""
+    folder = shared_data / "msed" / "dev"
+    with open(folder / "dev.csv", newline="", encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))[:n_msed]
+    s3 = moto.client()
+    name = bucket.removeprefix("s3://")
+    labels = {"sentiment": ["negative", "neutral", "positive"]}
+    rows = []
+    for k, rec in enumerate(records, start=1):
+        key = f"{prefix}/images/{k}.jpg"
+        s3.put_object(Bucket=name, Key=key, Body=(folder / "images" / f"{k}.jpg").read_bytes())
+        rows.append({"id": f"msed-{k}", "text": rec["Caption"], "image": f"{bucket}/{key}",
+                     "label": labels["sentiment"].index(rec["Sentiment"])})
+    if extra:
+        for pair_id, size in (("banner", (1344, 5)), ("speck", (3, 2)), ("long-text", (64, 48))):
+            key = f"{prefix}/images/{pair_id}.jpg"
+            s3.put_object(Bucket=name, Key=key, Body=jpeg_bytes(size))
+            rows.append({"id": pair_id, "text": LONG_TEXT if pair_id == "long-text" else "look at this",
+                         "image": f"{bucket}/{key}", "label": 1})
+        rows.append({"id": "missing", "text": "gone", "image": f"{bucket}/{prefix}/images/missing.jpg", "label": 0})
+    table = build_table([{"id": r["id"], "split": "dev", "text": r["text"], "image": r["image"], "image_ok": True,
+                          "label_sentiment": r["label"]} for r in rows], "msed", labels)
+    write_manifest(table, f"{bucket}/{prefix}/manifest", endpoint_url=moto.endpoint)
+    return [r["id"] for r in rows]
+
+
+def job_args(model: str, manifest: str, out: str, moto: Moto, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
+    return [*flags, "--backend", "vllm", "--model", model, "--manifest", manifest, "--out", out,
+            f"storage.endpoint_url={moto.endpoint}", "storage.region=us-east-1",
+            "actors.min_actors=2", "actors.max_actors=2", "actors.batch_size=4", "images.batch_size=4",
+            "vllm.cpu_stage_actors=1", "vllm.max_concurrent_batches=2", "vllm.max_model_len=1800",
+            "vllm.max_pixels=50176", "images.max_area=50176", "images.multiple_of=28", "images.min_side=28",
+            "images.max_side=4096", "vllm.replica_resources={caption_node: 1}", "max_field_chars=40",
+            "sampling.max_tokens=200", *extra]
+
+
+def start_job(cluster, args: list[str], log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **job_runtime_env_vars(), "RAY_metrics_report_interval_ms": "500"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "caption.py"), *args,
+                             f"ray.address={cluster.gcs_address}"],
+                            env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=str(log_path.parent))
+
+
+class MetricsWatcher(threading.Thread):
+    """Polls the head's Prometheus endpoint while a job runs; keeps the last ``umaf_caption_*`` lines seen."""
+
+    def __init__(self, cluster):
+        super().__init__(daemon=True)
+        port = next(a.split("=", 1)[1] for a in cluster.head.proc.args if a.startswith("--metrics-export-port="))
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.lines: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.5):
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                continue
+            found = [line for line in text.splitlines() if "umaf_caption_" in line and not line.startswith("#")]
+            if found:
+                self.lines = found
+
+    def values(self) -> dict[str, float]:
+        """The last values seen, keyed by metric name plus its ``status`` tag where it has one."""
+        values = {}
+        for line in self.lines:
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            name = name.removesuffix("_total")  # Prometheus' suffix for counters
+            status = next((part for part in labels.rstrip("}").split(",") if part.startswith("status=")), None)
+            values[f"{name}{{{status}}}" if status else name] = float(value)
+        return values
+
+
+def run_job(cluster, args: list[str], log_path: Path, timeout: float = 420) -> dict:
+    proc = start_job(cluster, args, log_path)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert proc.returncode == 0, f"caption job failed (exit {proc.returncode}):\n{log[-6000:]}"
+    # The job's summary, as it leaves it in the captions folder (its console shows a one-line form).
+    out = args[args.index("--out") + 1]
+    endpoint = next(a.split("=", 1)[1] for a in args if a.startswith("storage.endpoint_url="))
+    return storage.read_json(storage.join(out, "_summary.json"), endpoint_url=endpoint)
+
+
+def raw_ids(out: str, moto: Moto) -> list[str]:
+    return read_captions(out, columns=["id"], endpoint_url=moto.endpoint)["id"].to_pylist()
+
+
+def test_vllm_path_error_rows_retry_single_read_fixed_pool(cluster, moto, bucket, shared_data, tiny_vlm_cache,
+                                                          tmp_path):
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    model = str(ensure_tiny_vlm(tiny_vlm_cache))
+    ids = make_manifest(moto, bucket, "errors", shared_data, n_msed=6, extra=True)
+    manifest, out = f"{bucket}/errors/manifest", f"{bucket}/errors/captions"
+    metrics = MetricsWatcher(cluster)
+    metrics.start()
+    summary = run_job(cluster, job_args(model, manifest, out, moto), tmp_path / "run1.log")
+
+    # The job completes; every id has exactly one row (raw reader), with the reason for each error.
+    assert sorted(raw_ids(out, moto)) == sorted(ids)
+    table = read_captions(out, endpoint_url=moto.endpoint)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert by_id["missing"]["status"] == "error" and by_id["missing"]["error"].startswith("image not found:")
+    assert by_id["long-text"]["status"] == "error"
+    assert by_id["long-text"]["error"].startswith("inference failed: ValueError: The decoder prompt (length ")
+    # Padded before the engine: the banner and the speck are captioned, not rejected by smart_resize.
+    for pair_id in ("banner", "speck", *[i for i in ids if i.startswith("msed-")]):
+        assert by_id[pair_id]["status"] == "ok", by_id[pair_id]
+        assert json.loads(by_id[pair_id]["raw"])["textimage_relation"] == "consistent"
+    assert summary["this_run"] == {"ok": len(ids) - 2, "invalid": 0, "error": 2}
+
+    # Each image read from S3 exactly once (moto's request log), though the plan has an error branch.
+    for pair_id in [i for i in ids if i != "missing"]:
+        key = f"/errors/images/{pair_id.removeprefix('msed-')}.jpg"
+        assert moto.gets(key) == 1, f"{key} read {moto.gets(key)} times"
+
+    # A fixed pool: both replicas started, with video off and one image per prompt.
+    engines = [json.loads(p.read_text()) for p in cluster.record_dir.glob("engine-*.json")]
+    assert len({e["pid"] for e in engines}) == 2
+    assert all(e["kwargs"]["limit_mm_per_prompt"] == {"image": 1, "video": 0} for e in engines)
+
+    # The umaf_caption_* metrics reach the cluster's Prometheus endpoint (recorded by the driver's writer)
+    # with the values the job wrote: captions by status, and the tokens the engine generated.
+    expected = {
+        'ray_umaf_caption_captions{status="ok"}': len(ids) - 2,
+        'ray_umaf_caption_captions{status="error"}': 2,
+        "ray_umaf_caption_output_tokens": sum(t or 0 for t in table["output_tokens"].to_pylist()),
+    }
+    assert expected["ray_umaf_caption_output_tokens"] > 0
+    deadline = time.time() + 60
+    while time.time() < deadline and {k: metrics.values().get(k) for k in expected} != expected:
+        time.sleep(0.5)
+    metrics.stop.set()
+    seen = metrics.values()
+    assert {k: seen.get(k) for k in expected} == expected, metrics.lines
+
+    # --retry-failed redoes the two error rows; with a context that fits, the long text succeeds.
+    retry = run_job(cluster, job_args(model, manifest, out, moto, "vllm.max_model_len=8192", flags=("--retry-failed",)),
+                    tmp_path / "run2.log")
+    assert retry["selected"] - retry["skipped"] == 2
+    assert retry["this_run"] == {"ok": 1, "invalid": 0, "error": 1}
+    ok = read_ok_captions(out, endpoint_url=moto.endpoint)
+    assert sorted(ok["id"].to_pylist()) == sorted(i for i in ids if i != "missing")
+
+
+def wait_for_rows(out: str, moto: Moto, proc: subprocess.Popen, at_least: int, timeout: float = 400) -> list[str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the job ended before the event under test: make the run longer"
+        try:
+            ids = raw_ids(out, moto)
+        except (FileNotFoundError, OSError):
+            ids = []
+        if len(ids) >= at_least:
+            return ids
+        time.sleep(0.2)
+    pytest.fail(f"no {at_least} caption rows at {out} after {timeout:.0f}s")
+
+
+SLOW_ARGS = ("output.rows_per_file=4", "actors.batch_size=2", "vllm.max_concurrent_batches=1")
+
+
+@pytest.mark.slow
+def test_driver_sigkill_loses_at_most_a_file_and_rerun_has_every_id_once(cluster, moto, bucket, shared_data,
+                                                                         tiny_vlm_cache, tmp_path):
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    model = str(ensure_tiny_vlm(tiny_vlm_cache))
+    ids = make_manifest(moto, bucket, "kill", shared_data, n_msed=48, extra=False)
+    manifest, out = f"{bucket}/kill/manifest", f"{bucket}/kill/captions"
+    args = job_args(model, manifest, out, moto, *SLOW_ARGS)
+    proc = start_job(cluster, args, tmp_path / "killed.log")
+    try:
+        wait_for_rows(out, moto, proc, at_least=4)  # the first file (4 rows) has landed
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    partial = raw_ids(out, moto)
+    assert 0 < len(partial) < len(ids) and len(set(partial)) == len(partial)
+
+    # The rerun may batch wider (only the first run had to be slow enough to kill mid-way).
+    summary = run_job(cluster, job_args(model, manifest, out, moto), tmp_path / "rerun.log")
+    assert summary["skipped"] == len(partial), "every caption that reached storage is kept"
+    assert sorted(raw_ids(out, moto)) == sorted(ids), "every id exactly once in the raw rows"
+
+
+@pytest.mark.slow
+def test_s3_outage_mid_run_fails_clearly_then_rerun_completes(cluster, moto, bucket, shared_data, tiny_vlm_cache,
+                                                             tmp_path):
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    model = str(ensure_tiny_vlm(tiny_vlm_cache))
+    ids = make_manifest(moto, bucket, "outage", shared_data, n_msed=48, extra=False)
+    manifest, out = f"{bucket}/outage/manifest", f"{bucket}/outage/captions"
+    args = job_args(model, manifest, out, moto, *SLOW_ARGS, "output.write_attempts=2")
+    log_path = tmp_path / "outage.log"
+    proc = start_job(cluster, args, log_path)
+    try:
+        wait_for_rows(out, moto, proc, at_least=4)
+        os.kill(moto.proc.pid, signal.SIGSTOP)  # the server stops answering (its data stays)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            os.kill(moto.proc.pid, signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert proc.returncode != 0
+    # One line naming the file and what to do, exit status 2 (an outage is not a bug: no traceback).
+    assert proc.returncode == 2, log[-4000:]
+    assert "jobs/caption.py: error: cannot write" in log and "after 2 attempts" in log, log[-4000:]
+    assert "rerun the same command when storage is back" in log, log[-4000:]
+
+    run_job(cluster, job_args(model, manifest, out, moto), tmp_path / "after-outage.log")
+    assert sorted(raw_ids(out, moto)) == sorted(ids), "every id exactly once in the raw rows"

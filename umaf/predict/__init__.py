@@ -1,0 +1,1 @@
+"""Apply a trained run to new data: the model loader (no Ray) and the predict job's Ray Data pipeline."""

@@ -1,0 +1,348 @@
+"""The predict job's pipeline: manifest (+ captions) → skip done ids → actors holding the run's best
+model → Parquet, then ``_metrics.json`` where the manifest has the run's labels.
+
+Inputs are prepared on the driver as training prepares them: the manifest rows (``splits``,
+``limit``), and for UMAF the captions joined by id through the training's own
+:func:`umaf.train.umaf_method.join_captions` with the run's ``missing_caption`` policy (``text_only``:
+T alone; ``drop``: such a pair becomes an error row here, since dropping it would label nothing).
+Tokenisation, the token budget and the encoders are the run's (:mod:`umaf.predict.model`).
+
+**Batches and order.** The rows are cut into batches on the driver: within each split, in manifest
+order, consecutive runs of ``actors.batch_size`` rows (UMAF) or of the run's ``eval_batch_size``
+(SPP-SCL, whose CMF attends across the batch: a pair's prediction depends on its batch-mates). A
+split is thus batched exactly as the training's evaluation batched it, so on a run's own test split
+the predictions, and ``_metrics.json``, are the run's. Each Ray Data block holds whole batches and
+each actor call runs them one by one (``batch`` column), so Ray never regroups them.
+
+**Resume.** The output dataset is the checkpoint, as in the caption job: ids with an ``ok`` row
+(and, unless ``retry_failed``, an ``error`` row) are not predicted again. UMAF runs only the missing
+ids. SPP-SCL reruns every batch that has a missing id whole (its batch-mates unchanged) and writes
+only the missing ids, so a killed and resumed run writes what an uninterrupted one would.
+
+**Bad rows.** Empty text, a missing or unreadable image (SPP-SCL), a pair without caption under
+``missing_caption=drop``, or a batch whose forward pass raised, become ``status=error`` rows with
+the reason, and the job goes on; ``--retry-failed`` redoes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter as TallyCounter
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umaf import storage
+from umaf.caption.pipeline import done_ids, latest_status_counts, read_statuses
+from umaf.caption.store import STATUS_ERROR, STATUS_OK, latest_ok, read_ok_captions, read_rows
+from umaf.caption.writer import CaptionWriter
+from umaf.data.manifest import label_column, read_manifest
+from umaf.errors import UserError
+from umaf.predict.config import PredictConfig
+from umaf.progress import ProgressLine, quiet_ray_data_logs
+
+log = logging.getLogger("umaf.predict")
+
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("split", pa.string()),
+    pa.field("label", pa.string()),  # the predicted label's name
+    pa.field("label_index", pa.int64()),
+    pa.field("probabilities", pa.list_(pa.float32())),  # one per class, in the run's label order
+    pa.field("status", pa.string(), nullable=False),  # ok | error
+    pa.field("error", pa.string()),
+    pa.field("model", pa.string()),  # <run>/best@<sha256 of the weights, 12 hex> (epoch N)
+    pa.field("predicted_at", pa.timestamp("us", tz="UTC")),
+])
+STATUSES = (STATUS_OK, STATUS_ERROR)
+SUMMARY_FILE, METRICS_FILE = "_summary.json", "_metrics.json"  # "_": dataset readers skip them
+BATCH, EMIT = "batch", "emit"
+ROW_COLUMNS = ("id", "split", "text", "image", "image_ok", "error")
+
+
+def check_locations(config: PredictConfig) -> dict[str, Any]:
+    """The run has a best model, the inputs exist, the output folder is writable (else a UserError
+    naming which); returns the run's model card."""
+    from umaf.predict.model import read_card
+
+    kw = config.storage_kw
+    card = read_card(config.run, **kw)
+    manifest = config.manifest or card["train_config"].get("manifest")
+    if not manifest:
+        raise UserError(f"run {config.run} names no manifest: pass --manifest URI")
+    storage.require(manifest, "manifest", "make one with jobs/prepare.py, or fix --manifest", **kw)
+    captions = captions_uri(config, card)
+    if captions:
+        storage.require(captions, "captions", "make them with jobs/caption.py, or fix --captions", **kw)
+    storage.require_folder(config.out, "predictions folder", **kw)
+    return card
+
+
+def captions_uri(config: PredictConfig, card: dict[str, Any]) -> str | None:
+    """UMAF runs trained with captions: ``--captions``, else the run's own; None otherwise."""
+    train = card["train_config"]
+    if card["method"] != "umaf" or not train["umaf"]["use_captions"]:
+        return None
+    uri = config.captions or train.get("captions")
+    if not uri:
+        raise UserError(f"run {config.run} was trained with captions: pass --captions URI (jobs/caption.py's output "
+                        "for this manifest)")
+    return uri
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side, plain pyarrow: rows to predict and their batches
+
+
+def input_rows(config: PredictConfig, card: dict[str, Any]) -> tuple[pa.Table, Any]:
+    """The selected manifest rows with ``error`` (empty text; UMAF: no caption under ``drop``) and,
+    for UMAF, the caption fields joined by id. Returns ``(rows, manifest)``."""
+    kw = config.storage_kw
+    manifest = read_manifest(config.manifest or card["train_config"]["manifest"], **kw)
+    table = manifest.table
+    if config.splits:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(config.splits))))
+    if config.limit is not None:
+        table = table.slice(0, config.limit)
+    missing = [c for c in ("id", "split", "text") if c not in table.column_names]
+    if missing:
+        raise UserError(f"manifest {config.manifest} lacks column(s) {missing}: make it with jobs/prepare.py")
+    if card["method"] == "sppscl" and "image" not in table.column_names:
+        raise UserError(f"manifest {config.manifest} has no 'image' column: SPP-SCL predicts from text + image")
+    texts = table["text"].to_pylist()
+    errors: list[str | None] = [None if (t or "").strip() else "empty text" for t in texts]
+    for column, default in (("image", None), ("image_ok", True)):
+        if column not in table.column_names:
+            table = table.append_column(column, pa.array([default] * table.num_rows))
+    if card["method"] == "umaf":
+        from umaf.train.umaf_method import CAPTION_COLUMN, join_captions
+
+        uri = captions_uri(config, card)
+        captions = read_ok_captions(uri, **kw) if uri else None
+        table = join_captions(table, captions, "text_only").table
+        policy = card["train_config"]["missing_caption"]
+        if captions is not None:
+            has = [c is not None for c in table[CAPTION_COLUMN].to_pylist()]
+            without = has.count(False)
+            if without:
+                log.warning("[predict stage=plan] %d of %d pairs have no ok caption in %s (the run's policy "
+                            "missing_caption=%s)", without, len(has), uri, policy)
+            if policy == "drop":
+                errors = [e or (None if h else f"no ok caption for this id in {uri} (the run drops such pairs: "
+                                "missing_caption=drop)") for e, h in zip(errors, has)]
+    return table.append_column("error", pa.array(errors, pa.string())), manifest
+
+
+def plan_batches(table: pa.Table, done: pa.Array, batch_size: int, whole_batches: bool) -> pa.Table:
+    """The rows to run, with ``batch`` (index) and ``emit`` (to be written) columns.
+
+    Batches are consecutive rows of one split, in table order. ``whole_batches`` (SPP-SCL): batches
+    are cut over every selected row, and a batch with any id not in ``done`` runs whole; otherwise only
+    the ids not done are batched.
+    """
+    todo = pc.invert(pc.is_in(table["id"], value_set=done)) if len(done) else pa.array([True] * table.num_rows)
+    if not whole_batches:
+        table = table.filter(todo)
+        todo = pa.array([True] * table.num_rows)
+    table = table.append_column(EMIT, todo)
+    splits = table["split"].to_pylist()
+    batches, current, count, previous = [], -1, 0, object()
+    for split in splits:
+        if split != previous or count == batch_size:
+            current, count, previous = current + 1, 0, split
+        batches.append(current)
+        count += 1
+    table = table.append_column(BATCH, pa.array(batches, pa.int64()))
+    if whole_batches and table.num_rows:
+        wanted = pc.unique(table.filter(table[EMIT])[BATCH])
+        table = table.filter(pc.is_in(table[BATCH], value_set=wanted))
+    return table
+
+
+def batch_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Slices of whole batches, about ``rows_per_block`` rows each (Ray Data's input blocks)."""
+    if table.num_rows == 0:
+        return []
+    batches = np.asarray(table[BATCH])
+    starts = np.flatnonzero(np.r_[True, batches[1:] != batches[:-1]]).tolist() + [table.num_rows]
+    blocks, begin = [], 0
+    for end in starts[1:]:
+        if end - begin >= rows_per_block or end == table.num_rows:
+            blocks.append(table.slice(begin, end - begin))
+            begin = end
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------------
+# The actors
+
+
+def prediction_rows(rows: dict[str, list], probs: np.ndarray | None, image_ok: np.ndarray | None,
+                    labels: list[str], model: str, now: datetime) -> list[dict[str, Any]]:
+    """Output rows of one batch (only rows marked ``emit``): a label where the row is fine, else an
+    error row with the reason (given before, or an image that did not load)."""
+    out = []
+    for i, pair_id in enumerate(rows["id"]):
+        if not rows.get(EMIT, [True] * len(rows["id"]))[i]:
+            continue
+        error = rows["error"][i]
+        if error is None and probs is None:
+            error = "prediction failed"
+        if error is None and image_ok is not None and not image_ok[i]:
+            error = f"image missing or unreadable: {rows['image'][i]}"
+        row = {"id": pair_id, "split": rows["split"][i], "status": STATUS_ERROR if error else STATUS_OK,
+               "error": error, "model": model, "predicted_at": now, "label": None, "label_index": None,
+               "probabilities": None}
+        if not error:
+            index = int(np.argmax(probs[i]))
+            row.update(label=labels[index], label_index=index, probabilities=[float(p) for p in probs[i]])
+        out.append(row)
+    return out
+
+
+class Predictor:
+    """Ray Data actor: the run's best model, loaded once; each call runs its whole batches in order."""
+
+    def __init__(self, run_uri: str, storage_kw: dict[str, Any], device: str):
+        from umaf.predict.model import load_run
+
+        started = time.perf_counter()
+        self.model = load_run(run_uri, device=device, **storage_kw)
+        log.info("[predict stage=model] actor loaded %s (%s) on %s in %.1fs", self.model.checkpoint,
+                 self.model.method_name, self.model.device, time.perf_counter() - started)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: list[dict[str, Any]] = []
+        for index in pc.unique(batch[BATCH]).to_pylist():
+            rows = batch.filter(pc.equal(batch[BATCH], index)).to_pydict()
+            probs = image_ok = None
+            try:
+                probs, image_ok = self.model.predict_rows(rows)
+            except Exception as exc:  # one bad batch must not kill the job: its rows become error rows
+                log.exception("[predict stage=model] batch of %d rows failed", len(rows["id"]))
+                rows["error"] = [e or f"prediction failed: {type(exc).__name__}: {exc}" for e in rows["error"]]
+            out.extend(prediction_rows(rows, probs, image_ok, self.model.labels, self.model.checkpoint,
+                                       datetime.now(timezone.utc)))
+        return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def prediction_metrics(predictions: pa.Table, manifest, card: dict[str, Any]) -> dict[str, Any] | None:
+    """Training's metrics (:func:`umaf.train.metrics.classification_metrics`) of the ok predictions
+    whose ids have a label for the run's task, per split and over all; None without such labels."""
+    from umaf.train.metrics import classification_metrics
+
+    task, names = card["task"], list(card["labels"])
+    column = label_column(task)
+    if column not in manifest.table.column_names:
+        return None
+    if manifest.labels.get(task) != names:
+        log.warning("[predict stage=metrics] the manifest's %s labels %s are not the run's %s: no metrics",
+                    task, manifest.labels.get(task), names)
+        return None
+    truth = {i: (s, y) for i, s, y in zip(manifest.table["id"].to_pylist(), manifest.table["split"].to_pylist(),
+                                          manifest.table[column].to_pylist()) if y is not None and y >= 0}
+    by_split: dict[str, tuple[list[int], list[int]]] = {}
+    for pair_id, pred in zip(predictions["id"].to_pylist(), predictions["label_index"].to_pylist()):
+        if pair_id in truth:
+            split, label = truth[pair_id]
+            y, p = by_split.setdefault(split, ([], []))
+            y.append(label)
+            p.append(pred)
+    if not by_split:
+        return None
+    every = ([y for ys, _ in by_split.values() for y in ys], [p for _, ps in by_split.values() for p in ps])
+    return {"task": task, "labels": names,
+            "splits": {split: classification_metrics(np.array(y), np.array(p), names) for split, (y, p) in sorted(by_split.items())},
+            "all": classification_metrics(np.array(every[0]), np.array(every[1]), names)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_predict(config: PredictConfig) -> dict[str, Any]:
+    """Predict what is not yet done; returns the summary (also ``<out>/_summary.json``)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    started = time.time()
+    kw = config.storage_kw
+    card = check_locations(config)
+    rows, manifest = input_rows(config, card)
+    tag = f"[predict dataset={manifest.dataset}"
+    before = read_statuses(config.out, PREDICTION_SCHEMA, **kw)
+    done = done_ids(before, retry_failed=config.retry_failed)
+    sppscl = card["method"] == "sppscl"
+    batch_size = int(card.get("eval_batch_size") or card["train_config"]["eval_batch_size"]) if sppscl else config.actors.batch_size
+    plan = plan_batches(rows, done, batch_size, whole_batches=sppscl)
+    todo = int(pc.sum(plan[EMIT]).as_py() or 0) if plan.num_rows else 0
+    log.info("%s stage=plan] run %s (%s, task %s): %d selected, %d already done at %s, %d to predict in batches "
+             "of %d", tag, config.run, card["method"], card["task"], rows.num_rows, rows.num_rows - todo, config.out,
+             todo, batch_size)
+
+    if todo:
+        keep = [c for c in (*ROW_COLUMNS, *_caption_columns(plan), BATCH, EMIT) if c in plan.column_names]
+        plan = plan.select(keep)
+        blocks = batch_blocks(plan, batch_size if sppscl else 4 * batch_size)
+        a = config.actors
+        device = config.device if config.device != "auto" else ("cuda" if a.num_gpus > 0 else "cpu")
+        io_args = {"runtime_env": {"env_vars": env}} if (env := storage.forwarded_env()) else {}
+        ds = ray.data.from_arrow(blocks)
+        predictions = ds.map_batches(
+            Predictor, fn_constructor_kwargs={"run_uri": config.run, "storage_kw": kw, "device": device},
+            compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors), batch_size=None,
+            batch_format="pyarrow", num_gpus=a.num_gpus or None, num_cpus=a.num_cpus, **io_args,
+        )
+        o = config.output
+        progress = ProgressLine(log, f"{tag} stage=predict] predicted", todo, unit="pairs", every_s=o.progress_every_s)
+        statuses: TallyCounter = TallyCounter()
+        with quiet_ray_data_logs(), CaptionWriter(
+                config.out, rows_per_file=o.rows_per_file, flush_seconds=o.flush_seconds, attempts=o.write_attempts,
+                storage_kw=kw, schema=PREDICTION_SCHEMA, noun="predictions", tag="[predict stage=write]",
+                logger=log) as writer:
+            for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                writer.add(batch)
+                statuses.update(batch["status"].to_pylist())
+                progress.update(batch.num_rows, _status_text(statuses))
+        progress.finish(_status_text(statuses))
+
+    after = read_statuses(config.out, PREDICTION_SCHEMA, **kw)
+    this_run = TallyCounter(after["status"].to_pylist()) - TallyCounter(before["status"].to_pylist())
+    metrics = prediction_metrics(latest_ok(read_rows(config.out, PREDICTION_SCHEMA, **kw), "predicted_at"), manifest, card)
+    metrics_uri = storage.join(config.out, METRICS_FILE)
+    if metrics is not None:
+        storage.write_json_atomic(metrics_uri, {"run": config.run, **metrics}, **kw)
+    summary = {
+        "run": config.run, "method": card["method"], "task": card["task"], "dataset": manifest.dataset,
+        "manifest": config.manifest or card["train_config"]["manifest"], "out": config.out,
+        "selected": rows.num_rows, "skipped": rows.num_rows - todo, "predicted": after.num_rows - before.num_rows,
+        "this_run": {s: this_run.get(s, 0) for s in STATUSES},
+        "dataset_status": {s: n for s, n in latest_status_counts(after).items() if s in STATUSES},
+        "metrics": None if metrics is None else {
+            split: {k: m.get(k) for k in ("n", "accuracy", "weighted_f1", "macro_f1")} for split, m in metrics["splits"].items()},
+        "metrics_file": metrics_uri if metrics is not None else None,
+        "seconds": round(time.time() - started, 2), "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+    storage.write_json_atomic(storage.join(config.out, SUMMARY_FILE), summary, **kw)
+    log.info("%s stage=summary] %s", tag, json.dumps(summary))
+    return summary
+
+
+def _caption_columns(table: pa.Table) -> list[str]:
+    return [c for c in table.column_names if c.startswith("caption_")]
+
+
+def _status_text(statuses: TallyCounter) -> str:
+    return ", ".join(f"{status} {statuses.get(status, 0)}" for status in STATUSES)
+
+
+__all__ = ["run_predict", "PREDICTION_SCHEMA", "plan_batches", "prediction_rows", "prediction_metrics", "Predictor"]
