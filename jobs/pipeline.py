@@ -67,18 +67,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stage_args = stage_argv(cfg, stage)
         plans[stage] = (stage_args, stage_config(stage, stage_args, jobs[stage].FLAGS))
 
-    import ray
-
-    from umaf.raycluster import connect_ray
+    from umaf.raycluster import ray_connection
 
     extra_env = {}
     if "tune" in plans:  # what jobs/tune.py would set: Train controllers inside trials read it
         from umaf.tune.sweep import WORKER_START_TIMEOUT_ENV
 
         extra_env[WORKER_START_TIMEOUT_ENV] = str(int(plans["tune"][1].worker_start_timeout_s))
-    started = connect_ray(cfg.ray, extra_env, dashboard="tune" in plans or None)
     summary: dict = {"out": cfg.out, "stages": {}}
-    try:
+    with ray_connection(cfg.ray, extra_env, dashboard="tune" in plans or None):
         for number, stage in enumerate(cfg.stages, 1):
             stage_args, stage_cfg = plans[stage]
             output = stage_output(stage, stage_cfg)
@@ -94,9 +91,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             summary["stages"][stage] = {"status": "ran", "seconds": round(time.time() - t0, 1), "output": output,
                                         **stage_summary(stage, result)}
             log.info("== %s: done in %.0fs", tag, time.time() - t0)
-    finally:
-        if started:
-            ray.shutdown()
     summary_uri = storage.join(cfg.out, "pipeline_summary.json")
     storage.write_json_atomic(summary_uri, summary, **cfg.storage_kw)
     print(f"\npipeline finished: {cfg.out}\n{summary_table(summary)}\n(details: {summary_uri})")

@@ -257,3 +257,55 @@ def test_run_script_exits_with_the_jobs_status_even_if_a_thread_would_exit_other
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 2 and "storage down" in done.stderr, (done.returncode, done.stderr)
 
+
+
+JOINED_JOB = """
+import sys, ray
+from umaf.cli import run_ray_job, run_script
+from umaf.config import RayConfig
+from umaf.errors import UserError
+
+real_shutdown = ray.shutdown
+def shutdown(*args, **kwargs):
+    print("ray.shutdown called", flush=True)
+    real_shutdown(*args, **kwargs)
+ray.shutdown = shutdown
+
+def work():
+    assert ray.is_initialized()
+    raise UserError("cannot write 4 captions to s3://b/x: rerun when storage is back")
+
+def main():
+    run_ray_job("caption", RayConfig(address=sys.argv[1]), lambda: None, work)
+
+if sys.argv[2] == "script":
+    run_script(main)
+else:
+    try:
+        main()
+    except SystemExit as stop:
+        print("in-process exit", stop.code, "connected:", ray.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.ray
+def test_a_failed_script_joined_to_a_cluster_exits_with_its_status_without_disconnecting(tmp_path, ray_head_cluster):
+    """Disconnecting a failed driver can take tens of seconds, during which a Ray thread touching the
+    core worker would end the process with status 1: a script leaves at once with its own status.
+    Called in-process (a notebook, a pipeline stage), the same failure still disconnects."""
+    script = tmp_path / "joined_job.py"
+    script.write_text(JOINED_JOB)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+
+    as_script = subprocess.run([sys.executable, str(script), ray_head_cluster.gcs_address, "script"],
+                               capture_output=True, text=True, timeout=180, env=env)
+    assert as_script.returncode == 2, as_script.stderr[-3000:]
+    assert "jobs/caption.py: error: cannot write 4 captions" in as_script.stderr
+    assert "ray.shutdown called" not in as_script.stdout
+
+    in_process = subprocess.run([sys.executable, str(script), ray_head_cluster.gcs_address, "in-process"],
+                                capture_output=True, text=True, timeout=180, env=env)
+    assert in_process.returncode == 0, in_process.stderr[-3000:]
+    assert "ray.shutdown called" in in_process.stdout
+    assert "in-process exit 2 connected: False" in in_process.stdout

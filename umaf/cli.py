@@ -137,39 +137,41 @@ def run_ray_job(job: str, ray_cfg: Any, check: Callable[[], Any], work: Callable
     """A Ray job's body: ``check()`` its inputs before Ray starts (a wrong URI is said in a second),
     join or start Ray, ``work()``, and shut Ray down if this call started it; bad input in either
     ends the job as :func:`reported_errors` says."""
-    import ray
-
-    from umaf.raycluster import connect_ray
+    from umaf.raycluster import ray_connection
 
     with reported_errors(job):
         check()
-    started = connect_ray(ray_cfg)
-    try:
-        with reported_errors(job):
-            return work()
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_connection(ray_cfg), reported_errors(job):
+        return work()
 
 
 def run_script(main: Callable[[], Any]) -> None:
     """A job's ``__main__``: run ``main()`` and exit with the status it chose.
 
-    A failed job exits by ``SystemExit`` (:func:`reported_errors`). Left to the interpreter, its exit
-    status is not reliable on a Ray driver: a Ray Data iterator abandoned by the error still has a
-    thread that touches the core worker after Ray's atexit shutdown, and Ray then ends the process with
-    status 1 ("The core worker has already been shutdown ... The process will exit"). So the status is
-    handed to the OS directly, after the output is flushed (Ray was already shut down by the job if
-    it started it; a joined cluster sees the driver leave).
+    A failed job exits by ``SystemExit`` (:func:`reported_errors`). Left to the interpreter, that
+    status is not reliable on a Ray driver: a Ray thread that touches the core worker during or after
+    Ray's shutdown ends the process with status 1 ("The core worker has already been shutdown ...
+    The process will exit"). So the status is handed to the OS directly, once the output is flushed,
+    and a failed job joined to a cluster does not disconnect first
+    (:func:`umaf.raycluster.ray_connection`): the cluster sees its driver leave.
     """
+    from umaf.raycluster import exit_hard_on_failure
+
+    exit_hard_on_failure()
     try:
         main()
+        return
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if code == 0:
             raise
         if not isinstance(stop.code, int):
             print(stop.code, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - a bug outside reported_errors: its traceback, then status 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

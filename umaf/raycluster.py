@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from umaf import storage
@@ -44,6 +45,11 @@ def job_env_vars(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_env}
 
 
+def cluster_address(ray_cfg: RayConfig) -> str | None:
+    """The cluster a job joins: ``ray.address``, else ``RAY_ADDRESS``; None starts a local one."""
+    return ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
                 dashboard: bool | None = None) -> bool:
     """Join the cluster (``ray_cfg.address``, else ``RAY_ADDRESS``), or start a local one.
@@ -60,7 +66,7 @@ def connect_ray(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": job_env_vars(extra_env)}, "log_to_driver": True}
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(ray_cfg)
     if address:
         context = ray.init(address=address, **kwargs)
         log.info("joined the Ray cluster at %s (dashboard: %s)", address, _dashboard_url(context))
@@ -79,3 +85,42 @@ def _dashboard_url(context: Any) -> str:
         return "not running"
     return url if "://" in url else f"http://{url}"
 
+
+
+# Set by umaf.cli.run_script: a failed job's exit status goes to the OS by os._exit.
+_exits_hard_on_failure = False
+
+
+def exit_hard_on_failure() -> None:
+    global _exits_hard_on_failure
+    _exits_hard_on_failure = True
+
+
+@contextmanager
+def ray_connection(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
+                   dashboard: bool | None = None) -> Iterator[bool]:
+    """:func:`connect_ray` for the body of the ``with``; then shut Ray down if this job started or
+    joined it. Yields whether it did.
+
+    One exception: a script (:func:`umaf.cli.run_script`) that fails while joined to a cluster leaves
+    without disconnecting. Disconnecting a driver with Ray Data work cut short can take tens of
+    seconds, and a Ray thread that touches the core worker meanwhile ends the process with status 1
+    ("The core worker has already been shutdown ... The process will exit"), losing the job's own
+    status (2 for a storage outage). The script exits by ``os._exit`` at once instead; the cluster
+    sees its driver leave and ends the job's actors and tasks. A local cluster the job started is
+    always shut down, since nothing else would stop its processes.
+    """
+    import ray
+
+    started = connect_ray(ray_cfg, extra_env, dashboard)
+    disconnect = started
+    try:
+        yield started
+    except BaseException as exc:
+        succeeded = isinstance(exc, SystemExit) and exc.code in (0, None)
+        if not succeeded and _exits_hard_on_failure and cluster_address(ray_cfg):
+            disconnect = False
+        raise
+    finally:
+        if disconnect:
+            ray.shutdown()

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from umaf import storage
 from umaf.config import dump_yaml
 from umaf.errors import UserError
-from umaf.raycluster import connect_ray, job_env_vars
+from umaf.raycluster import job_env_vars, ray_connection
 from umaf.data.manifest import label_column, read_manifest
 from umaf.train.config import TrainConfig
 from umaf.train.method import get_method
@@ -185,14 +185,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, A
     """Run one training job end to end; returns the run's ``metrics.json`` content."""
     cfg = resolve_inputs(cfg)
     check_locations(cfg)  # before Ray starts: a wrong URI is said in a second, not after a minute
-    started = connect_ray(cfg.ray)
-    try:
+    with ray_connection(cfg.ray):
         return _run(cfg, callbacks)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def check_locations(cfg: TrainConfig) -> None:

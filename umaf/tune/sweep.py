@@ -449,14 +449,13 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from umaf.raycluster import connect_ray
+    from umaf.raycluster import ray_connection
 
     # Trial workers that cannot be placed fail after worker_start_timeout_s (no endless wait), and
     # the dashboard stays on: Train inside Tune needs it.
     resume = resume or cfg.resume
     check_sweep_locations(cfg, resume)  # before Ray starts
-    started = connect_ray(cfg.ray, {WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}, dashboard=True)
-    try:
+    with ray_connection(cfg.ray, {WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}, dashboard=True):
         context = ray.get_runtime_context()
         driver = ray.remote(num_cpus=0, max_retries=0)(_run_sweep_here).options(
             # Trials inherit these, also when this driver joined a running cluster (pipeline, tests).
@@ -466,9 +465,6 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
             scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
         )
         return ray.get(driver.remote(cfg, resume))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _run_sweep_here(cfg: TuneConfig, resume: bool) -> dict[str, Any]:
