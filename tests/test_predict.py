@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import job_main
+from conftest import REPO_ROOT, job_main
+from ray_head import job_runtime_env_vars
 from umaf import storage
 from umaf.config import load_config
 from umaf.data.manifest import read_manifest
@@ -118,10 +124,15 @@ def test_umaf_export_is_a_plain_module_that_predicts_as_training_evaluates(umaf_
                                probs[:4], atol=1e-6)
 
 
-def test_sppscl_export_predicts_in_the_runs_fixed_eval_batches(tmp_path, demo):
+@pytest.fixture(scope="module")
+def sppscl_run(tmp_path_factory, demo):
+    return export_run(tmp_path_factory.mktemp("sppscl") / "run", "sppscl", demo, str(tmp_path_factory.mktemp("enc")))
+
+
+def test_sppscl_export_predicts_in_the_runs_fixed_eval_batches(tmp_path, demo, sppscl_run):
     from umaf.models import load_run
 
-    cfg = export_run(tmp_path / "run", "sppscl", demo, str(tmp_path / "enc"))
+    cfg = sppscl_run
     model = load_run(cfg.out)
     test = read_manifest(cfg.manifest).split("test")
     texts, images = test["text"].to_pylist(), test["image"].to_pylist()
@@ -158,6 +169,12 @@ def test_batch_plan_of_a_resumed_run():
     plan = plan_batches(table, done, 2, False)
     assert plan["id"].to_pylist() == ["p7", "p8", "p9"] and plan["batch"].to_pylist() == [0, 0, 1]
     assert plan_batches(table, pa.array(table["id"].to_pylist()), 3, True).num_rows == 0
+    # limit=4 (rows p0-p3 selected): only they are written; SPP-SCL runs p3 with its batch-mates p4, p5.
+    limited = table.append_column("_selected", pa.array([i < 4 for i in range(10)]))
+    plan = plan_batches(limited, pa.array([], pa.string()), 3, True)
+    assert plan["id"].to_pylist() == [f"p{i}" for i in range(6)] and plan["batch"].to_pylist() == [0, 0, 0, 1, 1, 1]
+    assert plan["emit"].to_pylist() == [True] * 4 + [False] * 2
+    assert plan_batches(limited, pa.array([], pa.string()), 2, False)["id"].to_pylist() == ["p0", "p1", "p2", "p3"]
 
 
 @pytest.mark.ray
@@ -213,3 +230,78 @@ def test_predict_job_says_which_input_is_wrong(tmp_path, capsys, umaf_run):
     with pytest.raises(SystemExit) as exc:
         predict(["--run", umaf_run.out, "--splits", "test,val"])
     assert exc.value.code == 2 and "splits" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_sppscl_predict_job_keeps_the_runs_eval_batches_on_actors_and_when_resumed(ray_cluster, sppscl_run, demo,
+                                                                                   tmp_path):
+    """SPP-SCL through the job's Ray Data actors: CMF attends across the batch, so each row must be
+    predicted in the run's own evaluation batch (manifest order, eval_batch_size rows) also when a
+    rerun has only some of a batch left to write. Probabilities and metrics equal training's."""
+    predict = job_main("predict")
+    out = str(tmp_path / "predictions")
+    args = ["--run", sppscl_run.out, "--out", out, "--splits", "test", "output.rows_per_file=4"]
+    assert predict([*args, "limit=5"])["this_run"] == {"ok": 5, "error": 0}  # stops inside batch 0
+    second = predict(args)
+    assert second["skipped"] == 5 and second["this_run"] == {"ok": 15, "error": 0}
+
+    from umaf.caption.store import read_rows
+    from umaf.predict.pipeline import PREDICTION_SCHEMA
+
+    written = read_rows(out, PREDICTION_SCHEMA).to_pylist()
+    expected = training_evaluation(sppscl_run, demo)
+    assert sorted(r["id"] for r in written) == sorted(expected["id"]), "every test id once"
+    by_id = {r["id"]: r["probabilities"] for r in written}
+    np.testing.assert_allclose([by_id[i] for i in expected["id"]], expected["probs"], atol=1e-5)
+    metrics = storage.read_json(f"{out}/_metrics.json")
+    assert metrics["splits"]["test"] == json.loads(json.dumps(
+        classification_metrics(expected["label"], expected["pred"], ["negative", "neutral", "positive"])))
+
+
+@pytest.mark.ray
+def test_predict_job_killed_mid_run_loses_only_rows_in_flight(ray_head_cluster, ray_cluster, sppscl_run, tmp_path):
+    """``jobs/predict.py`` as a driver on the cluster, SIGKILLed once files have landed: every written
+    row is kept, the rerun predicts only the rest, every id ends with exactly one row, and the
+    probabilities are those of one uninterrupted pass (the resumed batches are the run's batches)."""
+    from umaf.caption.store import read_rows
+    from umaf.data.demo import write_demo
+    from umaf.models import load_run
+    from umaf.predict.pipeline import PREDICTION_SCHEMA
+
+    bigger = write_demo(str(tmp_path / "demo"), n_train=0, n_dev=0, n_test=96, seed=3)
+    out = str(tmp_path / "predictions")
+    args = ["--run", sppscl_run.out, "--manifest", bigger["manifest"], "--out", out, "--splits", "test",
+            "output.rows_per_file=8", "actors.max_actors=1", "actors.min_actors=1"]
+    env = {**os.environ, **job_runtime_env_vars()}
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "killed.log"
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "predict.py"), *args,
+                               f"ray.address={ray_head_cluster.gcs_address}"],
+                              env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=str(tmp_path))
+
+    def written_ids() -> list[str]:
+        return read_rows(out, PREDICTION_SCHEMA)["id"].to_pylist() if os.path.isdir(out) else []
+
+    try:
+        deadline = time.time() + 300
+        while not written_ids():
+            assert driver.poll() is None, f"the job ended before writing:\n{log_path.read_text()[-4000:]}"
+            assert time.time() < deadline, f"no predictions after 300 s:\n{log_path.read_text()[-4000:]}"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGSTOP)  # frozen: what is on storage now is what the kill leaves
+        kept = written_ids()
+        assert not os.path.exists(f"{out}/_summary.json"), "the job finished before the kill: make the run longer"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert 0 < len(kept) < 96 and len(set(kept)) == len(kept)
+
+    rerun = job_main("predict")([a for a in args if not a.startswith("actors.")])
+    assert rerun["skipped"] == len(kept) and rerun["predicted"] == 96 - len(kept)
+    rows = read_rows(out, PREDICTION_SCHEMA).to_pylist()
+    test = read_manifest(bigger["manifest"]).split("test")
+    assert sorted(r["id"] for r in rows) == sorted(test["id"].to_pylist()), "every id exactly once in the raw rows"
+    one_pass = load_run(sppscl_run.out).predict_proba(test["text"].to_pylist(), images=test["image"].to_pylist())
+    by_id = {r["id"]: r["probabilities"] for r in rows}
+    np.testing.assert_allclose([by_id[i] for i in test["id"].to_pylist()], one_pass, atol=1e-5)

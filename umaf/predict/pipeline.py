@@ -17,7 +17,9 @@ each actor call runs them one by one (``batch`` column), so Ray never regroups t
 **Resume.** The output dataset is the checkpoint, as in the caption job: ids with an ``ok`` row
 (and, unless ``retry_failed``, an ``error`` row) are not predicted again. UMAF runs only the missing
 ids. SPP-SCL reruns every batch that has a missing id whole (its batch-mates unchanged) and writes
-only the missing ids, so a killed and resumed run writes what an uninterrupted one would.
+only the missing ids, so a killed and resumed run writes what an uninterrupted one would. ``limit``
+works the same way: it selects the first N rows to write, and SPP-SCL still runs them in their
+batches of the whole split.
 
 **Bad rows.** Empty text, a missing or unreadable image (SPP-SCL), a pair without caption under
 ``missing_caption=drop``, or a batch whose forward pass raised, become ``status=error`` rows with
@@ -62,6 +64,7 @@ PREDICTION_SCHEMA = pa.schema([
 STATUSES = (STATUS_OK, STATUS_ERROR)
 SUMMARY_FILE, METRICS_FILE = "_summary.json", "_metrics.json"  # "_": dataset readers skip them
 BATCH, EMIT = "batch", "emit"
+SELECTED = "_selected"  # within splits/limit (a row outside the limit may still be a batch-mate)
 ROW_COLUMNS = ("id", "split", "text", "image", "image_ok", "error")
 
 
@@ -100,15 +103,15 @@ def captions_uri(config: PredictConfig, card: dict[str, Any]) -> str | None:
 
 
 def input_rows(config: PredictConfig, card: dict[str, Any]) -> tuple[pa.Table, Any]:
-    """The selected manifest rows with ``error`` (empty text; UMAF: no caption under ``drop``) and,
-    for UMAF, the caption fields joined by id. Returns ``(rows, manifest)``."""
+    """The manifest rows of the selected splits with ``error`` (empty text; UMAF: no caption under
+    ``drop``), ``_selected`` (within ``limit``) and, for UMAF, the caption fields joined by id.
+    Returns ``(rows, manifest)``."""
     kw = config.storage_kw
     manifest = read_manifest(config.manifest or card["train_config"]["manifest"], **kw)
     table = manifest.table
     if config.splits:
         table = table.filter(pc.is_in(table["split"], pa.array(list(config.splits))))
-    if config.limit is not None:
-        table = table.slice(0, config.limit)
+    selected = [config.limit is None or i < config.limit for i in range(table.num_rows)]
     missing = [c for c in ("id", "split", "text") if c not in table.column_names]
     if missing:
         raise UserError(f"manifest {config.manifest} lacks column(s) {missing}: make it with jobs/prepare.py")
@@ -135,17 +138,20 @@ def input_rows(config: PredictConfig, card: dict[str, Any]) -> tuple[pa.Table, A
             if policy == "drop":
                 errors = [e or (None if h else f"no ok caption for this id in {uri} (the run drops such pairs: "
                                 "missing_caption=drop)") for e, h in zip(errors, has)]
-    return table.append_column("error", pa.array(errors, pa.string())), manifest
+    table = table.append_column("error", pa.array(errors, pa.string()))
+    return table.append_column(SELECTED, pa.array(selected, pa.bool_())), manifest
 
 
 def plan_batches(table: pa.Table, done: pa.Array, batch_size: int, whole_batches: bool) -> pa.Table:
     """The rows to run, with ``batch`` (index) and ``emit`` (to be written) columns.
 
     Batches are consecutive rows of one split, in table order. ``whole_batches`` (SPP-SCL): batches
-    are cut over every selected row, and a batch with any id not in ``done`` runs whole; otherwise only
-    the ids not done are batched.
+    are cut over every row, and a batch with any selected id (``_selected``, when the table has it) not
+    in ``done`` runs whole; otherwise only those ids are batched.
     """
     todo = pc.invert(pc.is_in(table["id"], value_set=done)) if len(done) else pa.array([True] * table.num_rows)
+    if SELECTED in table.column_names:
+        todo = pc.and_(todo, table[SELECTED])
     if not whole_batches:
         table = table.filter(todo)
         todo = pa.array([True] * table.num_rows)
@@ -285,8 +291,9 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     batch_size = int(card.get("eval_batch_size") or card["train_config"]["eval_batch_size"]) if sppscl else config.actors.batch_size
     plan = plan_batches(rows, done, batch_size, whole_batches=sppscl)
     todo = int(pc.sum(plan[EMIT]).as_py() or 0) if plan.num_rows else 0
+    n_selected = int(pc.sum(rows[SELECTED]).as_py() or 0)
     log.info("%s stage=plan] run %s (%s, task %s): %d selected, %d already done at %s, %d to predict in batches "
-             "of %d", tag, config.run, card["method"], card["task"], rows.num_rows, rows.num_rows - todo, config.out,
+             "of %d", tag, config.run, card["method"], card["task"], n_selected, n_selected - todo, config.out,
              todo, batch_size)
 
     if todo:
@@ -324,7 +331,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     summary = {
         "run": config.run, "method": card["method"], "task": card["task"], "dataset": manifest.dataset,
         "manifest": config.manifest or card["train_config"]["manifest"], "out": config.out,
-        "selected": rows.num_rows, "skipped": rows.num_rows - todo, "predicted": after.num_rows - before.num_rows,
+        "selected": n_selected, "skipped": n_selected - todo, "predicted": after.num_rows - before.num_rows,
         "this_run": {s: this_run.get(s, 0) for s in STATUSES},
         "dataset_status": {s: n for s, n in latest_status_counts(after).items() if s in STATUSES},
         "metrics": None if metrics is None else {
