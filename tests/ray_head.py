@@ -143,7 +143,7 @@ class RayNode:
             victims = self.pids()
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its children on SIGTERM
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=5)  # then SIGKILL: a test cluster keeps nothing worth a longer wait
             except subprocess.TimeoutExpired:
                 pass
             for pid in victims:

@@ -103,7 +103,8 @@ def test_uncached_run_beats_baseline(ray_cluster, demo, tmp_path: Path) -> None:
     """feature_cache=off: the frozen encoders run inside every training step."""
     main = job_main("train")
     out = tmp_path / "runs" / "uncached"
-    metrics = main(_args(demo, out, "sppscl.feature_cache=off", "sppscl.diagnostics=false", "epochs=3"))
+    metrics = main(_args(demo, out, "sppscl.feature_cache=off", "sppscl.diagnostics=false", "epochs=3",
+                         "num_workers=1"))  # (DDP: tests/test_sppscl_ddp.py)
     for metric in ("accuracy", "weighted_f1", "macro_f1"):
         assert metrics["test"][metric] > metrics["majority_baseline"]["test"][metric], metric
     assert not (tmp_path / "runs" / "feature_cache").exists()  # nothing cached
