@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from umaf.config import load_config
+from umaf.errors import UserError
 from umaf.train.config import TrainConfig
 
 ROWS = ["table3-bert", "table3-bert-resnet", "table3-roberta", "table3-roberta-vit", "table3-clip-text",
@@ -135,6 +136,20 @@ def test_each_backbone_trains_and_records_figure3_from_the_eval_forward(preset, 
     assert ("visual_scene" in shares) == u.uses_captions
     png = method.recorded.png(preset)
     assert png[:4] == b"\x89PNG"
+
+
+def test_image_rows_export_their_weights_and_load_run_says_it_cannot_rebuild_them(encoder_cache, demo, tmp_path):
+    """The image-only row has no text encoder: its best/ export must not fail the run (it did, at the
+    end of the first epoch), and load_run / the predict job say plainly what they take instead."""
+    from umaf.models import load_run
+    from umaf.predict.model import export_untrained_run
+    from umaf.train.checkpoint import WEIGHTS_FILE
+
+    cfg = tiny_row("table3-vit", encoder_cache, f"manifest={demo['manifest']}", f"out={tmp_path / 'vit'}")
+    export_untrained_run(cfg, ["negative", "neutral", "positive"], "sentiment", "demo")
+    assert (tmp_path / "vit" / "best" / WEIGHTS_FILE).is_file()
+    with pytest.raises(UserError, match=r"umaf.backbone=image \(a Table 3 row\)"):
+        load_run(str(tmp_path / "vit"))
 
 
 def test_attention_map_numbers_by_position_and_source():

@@ -185,6 +185,17 @@ class RunModel(nn.Module):
         return [None if np.isnan(p).any() else self.labels[int(p.argmax())] for p in probs]
 
 
+def require_predictable(card: dict[str, Any], run_uri: str) -> None:
+    """A :class:`UserError` for a run this module cannot rebuild: UMAF's Table 3 rows with image tokens
+    (``umaf.backbone`` image or text+image; their encoders are not exported)."""
+    backbone = (card["train_config"].get("umaf") or {}).get("backbone") or "captions"
+    if card["method"] == "umaf" and backbone not in ("captions", "text"):
+        raise UserError(
+            f"run {run_uri} is a UMAF run with umaf.backbone={backbone} (a Table 3 row): load_run and the "
+            "predict job take UMAF runs over text (+ captions) and SPP-SCL runs. Its weights are in "
+            f"{run_uri.rstrip('/')}/best/{WEIGHTS_FILE} and its test figures in metrics.json.")
+
+
 def load_run(run_uri: str, device: str | torch.device = "cpu", **storage_kw) -> RunModel:
     """The run's best model, ready to predict (eval mode, on ``device``; ``"auto"``: CUDA if available)."""
     card = read_card(run_uri, **storage_kw)
@@ -193,6 +204,7 @@ def load_run(run_uri: str, device: str | torch.device = "cpu", **storage_kw) -> 
     if state is None:
         raise UserError(f"run {run_uri} has no best model weights ({WEIGHTS_FILE}): let its training finish")
     cfg = TrainConfig.model_validate(card["train_config"])
+    require_predictable(card, run_uri)
     method = get_method(card["method"])
     if card["method"] == "umaf" and (folder / "encoder" / "config.json").is_file():
         from umaf.models.encoders import encoder_from_config

@@ -71,10 +71,11 @@ ROW_COLUMNS = ("id", "split", "text", "image", "image_ok", "error")
 def check_locations(config: PredictConfig) -> dict[str, Any]:
     """The run has a best model, the inputs exist, the output folder is writable (else a UserError
     naming which); returns the run's model card."""
-    from umaf.predict.model import read_card
+    from umaf.predict.model import read_card, require_predictable
 
     kw = config.storage_kw
     card = read_card(config.run, **kw)
+    require_predictable(card, config.run)
     manifest = config.manifest or card["train_config"].get("manifest")
     if not manifest:
         raise UserError(f"run {config.run} names no manifest: pass --manifest URI")

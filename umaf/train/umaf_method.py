@@ -302,8 +302,12 @@ class UmafMethod(Method):
 
     def export_files(self, model, cfg, folder) -> None:
         """``tokenizer/`` (the run's, with its special tokens) and ``encoder/config.json``: with the
-        weights, the whole model is rebuilt offline (``AutoModel.from_config``)."""
+        weights, the whole model is rebuilt offline (``AutoModel.from_config``). Only the runs over
+        text (+ captions) have them; an image-only row has no text encoder, and the image rows of
+        Table 3 are not loadable by ``load_run`` (their weights are still in ``best/``)."""
         u = cfg.umaf
+        if model.encoder is None:
+            return
         load_tokenizer(u.tokenizer or u.encoder, u.encoder_cache).save_pretrained(str(folder / "tokenizer"))
         model.encoder.config.save_pretrained(str(folder / "encoder"))
 
