@@ -45,6 +45,9 @@ NODE_ENV = {
     # A raylet waits for its dashboard agent's ports and aborts the node when they come late; on a
     # loaded 2-core machine the agent's imports alone can exceed the default wait.
     "RAY_agent_register_timeout_ms": "180000",
+    # Train's controller polls its workers every 2 s by default, so each of the suite's ~30 short
+    # Train runs waited ~1-2 s past its end; the workers' health-check timeout is unchanged.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 

@@ -147,7 +147,7 @@ TINY_TRAIN = ["epochs=1", "num_workers=1", "batch_size=16", "max_rows_per_split=
 def test_train_and_tune_write_where_a_relative_out_points(tmp_path, ray_head_cluster):
     """From a temporary working directory (not the repository), `--out runs/rel` and `--out sweeps`
     land under that directory: the Train workers' metrics.json, predictions and TensorBoard files,
-    and the sweep's results and trial runs. Before the fix, rank 0 wrote into its Ray session folder
+    and the sweep's results and trial runs (two, one after the other under max_concurrent_trials=1). Before the fix, rank 0 wrote into its Ray session folder
     (the workers of the session's cluster run in the head's session folder, as on any cluster)."""
     address = f"ray.address={ray_head_cluster.gcs_address}"
     result = run_job("train", "--out", "runs/rel", *TINY_TRAIN, address, cwd=tmp_path)
@@ -160,14 +160,22 @@ def test_train_and_tune_write_where_a_relative_out_points(tmp_path, ray_head_clu
 
     sweep = run_job(
         "tune", "--out", "sweeps", "name=rel", "train.epochs=1", "train.max_rows_per_split=48",
-        "search.space={K: {grid: [2]}}", "scheduler.kind=fifo", address,
+        "search.space={K: {grid: [2, 4]}}", "scheduler.kind=fifo", "max_concurrent_trials=1", address,
         cwd=tmp_path,
     )
     assert sweep.returncode == 0, sweep.stderr[-4000:]
     root = tmp_path / "sweeps" / "rel"
     assert (root / "results.parquet").is_file() and (root / "best_config.yaml").is_file()
     trial_metrics = list((root / "runs").glob("*/metrics.json"))
-    assert len(trial_metrics) == 1, sorted(str(p) for p in root.rglob("metrics.json"))
+    assert len(trial_metrics) == 2, sorted(str(p) for p in root.rglob("metrics.json"))
+
+    # max_concurrent_trials caps a grid search too (Ray Tune applies it only to a Searcher; a grid is
+    # a BasicVariantGenerator): with a cap of 1, no trial starts before the previous one ended. A
+    # trial writes config.yaml first and metrics.json last.
+    spans = sorted(((p.parent / "config.yaml").stat().st_mtime_ns, p.stat().st_mtime_ns) for p in trial_metrics)
+    (first_start, first_end), (second_start, second_end) = spans
+    assert first_start < first_end and second_start < second_end
+    assert second_start >= first_end, f"the trials overlapped by {(first_end - second_start) / 1e9:.1f} s: {spans}"
 
 
 @pytest.mark.ray
