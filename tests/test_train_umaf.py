@@ -189,3 +189,17 @@ def test_s3_run_folder_and_resume_after_driver_sigkill(ray_cluster, demo, encode
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     # one events file per driver run: the resumed run's scalars landed too
     assert len([n for n in names if n.startswith("tensorboard/events")]) == 2
+
+
+def test_a_run_killed_in_its_final_test_pass_resumes_to_just_the_test_pass(ray_cluster, demo, encoder_cache, tmp_path):
+    """Killed after its last epoch's checkpoint, before metrics.json: the rerun trains no epoch and
+    writes the test metrics. (It also reports the last epoch's metrics to Train again, so that a Tune
+    trial resumed so does not fail its sweep; that report is seen by Tune's kill/resume test when the
+    kill lands there, not asserted here.)"""
+    out = tmp_path / "run"
+    args = ["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=1", "num_workers=1"]
+    job_main("train")(args)
+    (out / "metrics.json").unlink()  # as if the driver died during the final test pass
+    metrics = job_main("train")(args)
+    assert metrics["resumed_from_epoch"] == 1 and metrics["test"]["weighted_f1"] > 0
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0]

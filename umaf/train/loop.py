@@ -377,6 +377,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      best_value, best_epoch + 1, metrics["train_samples_per_s"], _duration(now - epoch_started),
                      _duration(now - epoch_started - train_seconds), _duration(elapsed), _duration(eta))
 
+    if epochs_run == 0 and resumed_from is not None:
+        # Resumed from the last epoch's checkpoint (the driver died during the final test pass): no
+        # epoch reports, so hand the last one on again. A Tune trial that reports nothing fails
+        # Tune's metric check, and its sweep with it.
+        history_uri = storage.join(run_uri, "history.json")
+        last = storage.read_json(history_uri, **storage_kw)[-1] if rank == 0 and storage.exists(history_uri, **storage_kw) else {}
+        ray.train.report(last)
+
     if rank == 0:
         _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
                 loop_config, resumed_from, tb)
