@@ -230,10 +230,16 @@ class TorchCollate(NumpyBatchCollateFn):
         return self.method.collate(batch, self.cpu)
 
 
-def _append_history(run_uri: str, metrics: dict[str, Any], storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
-    """``<run>/history.json``: every epoch's reported metrics (a resumed run drops epochs it redoes)."""
+def _read_history(run_uri: str, storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """``<run>/history.json`` (every epoch's reported metrics), or [] before the first epoch."""
     uri = storage.join(run_uri, "history.json")
-    history = storage.read_json(uri, **storage_kw) if storage.exists(uri, **storage_kw) else []
+    return storage.read_json(uri, **storage_kw) if storage.exists(uri, **storage_kw) else []
+
+
+def _append_history(run_uri: str, metrics: dict[str, Any], storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add an epoch to ``<run>/history.json`` (a resumed run drops epochs it redoes)."""
+    uri = storage.join(run_uri, "history.json")
+    history = _read_history(run_uri, storage_kw)
     history = [h for h in history if h.get("epoch", -1) < metrics["epoch"]] + [metrics]
     storage.write_json_atomic(uri, history, **storage_kw)
     return history
@@ -381,9 +387,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Resumed from the last epoch's checkpoint (the driver died during the final test pass): no
         # epoch reports, so hand the last one on again. A Tune trial that reports nothing fails
         # Tune's metric check, and its sweep with it.
-        history_uri = storage.join(run_uri, "history.json")
-        last = storage.read_json(history_uri, **storage_kw)[-1] if rank == 0 and storage.exists(history_uri, **storage_kw) else {}
-        ray.train.report(last)
+        history = _read_history(run_uri, storage_kw) if rank == 0 else []
+        ray.train.report(history[-1] if history else {})
 
     if rank == 0:
         _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
