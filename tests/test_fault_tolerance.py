@@ -179,7 +179,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, t
         add_worker(cluster)
     cluster.wait_for_nodes(1 + len(cluster.workers))
     run = tmp_path / "run"
-    epochs = 6  # enough that the first registered checkpoint is seen well before the last epoch
+    epochs = 4  # enough that the first registered checkpoint is seen before the last epoch
     # 2 DDP workers of 2 CPUs each: one per worker node, and a spare node to restart on after the kill.
     args = ["--out", str(run), f"epochs={epochs}", "num_workers=2", "cpus_per_worker=2", "max_failures=1",
             "max_rows_per_split=96", "batch_size=16", "checkpoints_to_keep=2"]

@@ -2,8 +2,9 @@
 
 - Paths: every local path is made absolute on the driver (config validation), against the working
   directory or ``$UMAF_WORKDIR``; Train workers and Tune trials run elsewhere and must still write
-  where the user pointed. Train and tune run from a temporary working directory with relative
-  ``--out``; the pipeline runs through the Jobs API with a relative ``--out`` and ``UMAF_WORKDIR``.
+  where the user pointed. Tune (whose trials are Train runs) runs from a temporary working directory
+  with a relative ``--out``; the pipeline (prepare, train) runs through the Jobs API with a relative
+  ``--out`` and ``UMAF_WORKDIR``.
 - Errors: a missing manifest, an S3 endpoint that does not answer and refused credentials each end
   in one line naming the URI, exit status 2 and no traceback; ``--debug`` shows the traceback.
 """
@@ -139,25 +140,17 @@ def test_s3_endpoint_down_and_refused_credentials_are_one_clean_line(tmp_path):
 # Paths: real runs from another folder
 
 
-TINY_TRAIN = ["epochs=1", "num_workers=1", "batch_size=16", "max_rows_per_split=48"]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_and_tune_write_where_a_relative_out_points(tmp_path, ray_head_cluster):
-    """From a temporary working directory (not the repository), `--out runs/rel` and `--out sweeps`
-    land under that directory: the Train workers' metrics.json, predictions and TensorBoard files,
-    and the sweep's results and trial runs (two, one after the other under max_concurrent_trials=1). Before the fix, rank 0 wrote into its Ray session folder
-    (the workers of the session's cluster run in the head's session folder, as on any cluster)."""
+def test_tune_and_its_trials_write_where_a_relative_out_points(tmp_path, ray_head_cluster):
+    """From a temporary working directory (not the repository), `--out sweeps` lands under that
+    directory: the sweep's results and its two trial runs (one after the other under
+    max_concurrent_trials=1), each with what a Train run writes from its workers: metrics.json,
+    history, predictions and TensorBoard files. Before the fix, rank 0 wrote into its Ray session
+    folder (the workers of the session's cluster run in the head's session folder, as on any cluster).
+    A trial is a Train run like `jobs/train.py --out runs/rel`; train's own relative `--out` runs in
+    the pipeline test below (through the Jobs API) and in CI's quick start."""
     address = f"ray.address={ray_head_cluster.gcs_address}"
-    result = run_job("train", "--out", "runs/rel", *TINY_TRAIN, address, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    run = tmp_path / "runs" / "rel"
-    for name in ("metrics.json", "history.json", "config.yaml", "predictions/test.parquet"):
-        assert (run / name).is_file(), f"{name} missing under {run}: {sorted(p.name for p in run.iterdir())}"
-    assert any((run / "tensorboard").iterdir())
-    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
-
     sweep = run_job(
         "tune", "--out", "sweeps", "name=rel", "train.epochs=1", "train.max_rows_per_split=48",
         "search.space={K: {grid: [2, 4]}}", "scheduler.kind=fifo", "max_concurrent_trials=1", address,
@@ -168,6 +161,11 @@ def test_train_and_tune_write_where_a_relative_out_points(tmp_path, ray_head_clu
     assert (root / "results.parquet").is_file() and (root / "best_config.yaml").is_file()
     trial_metrics = list((root / "runs").glob("*/metrics.json"))
     assert len(trial_metrics) == 2, sorted(str(p) for p in root.rglob("metrics.json"))
+    for run in (p.parent for p in trial_metrics):
+        for name in ("history.json", "config.yaml", "predictions/test.parquet"):
+            assert (run / name).is_file(), f"{name} missing under {run}: {sorted(p.name for p in run.iterdir())}"
+        assert any((run / "tensorboard").iterdir())
+        assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
 
     # max_concurrent_trials caps a grid search too (Ray Tune applies it only to a Searcher; a grid is
     # a BasicVariantGenerator): with a cap of 1, no trial starts before the previous one ended. A

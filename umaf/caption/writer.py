@@ -164,7 +164,8 @@ class CaptionWriter:
             except Exception as exc:  # noqa: BLE001 - storage errors come as OSError, ArrowException, ...
                 if attempt == self.attempts:
                     raise CaptionWriteError(
-                        f"cannot write {head.num_rows} {self.noun} to {uri} after {self.attempts} attempts "
+                        f"cannot write {head.num_rows} {self.noun} to {uri} after {self.attempts} "
+                        f"attempt{'s' if self.attempts > 1 else ''} "
                         f"(storage unreachable or refusing writes): {type(exc).__name__}: {exc}. Rows already "
                         f"written ({self.rows_written} in {len(self.files)} files this run) are kept; rerun the "
                         "same command when storage is back and it resumes from them."
