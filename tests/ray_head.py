@@ -321,6 +321,19 @@ def job_runtime_env_vars() -> dict[str, str]:
     return {**{k: v for k, v in NODE_ENV.items() if not k.startswith("RAY_health")}, **storage.forwarded_env()}
 
 
+def wait_for_driver(proc: subprocess.Popen, log_path: Path, timeout: float, what: str = "job") -> str:
+    """Wait for a driver started as a subprocess (killed past ``timeout``), assert it exited 0 and
+    return its log (the log's tail is the failure message otherwise)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{log[-8000:]}"
+    return log
+
+
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from ray_head import free_port, job_runtime_env_vars, start_head
+from ray_head import free_port, job_runtime_env_vars, start_head, wait_for_driver
 from umaf import storage
 from umaf.caption.store import read_captions, read_ok_captions
 from umaf.data.manifest import build_table, write_manifest
@@ -192,14 +192,7 @@ class MetricsWatcher(threading.Thread):
 
 
 def run_job(cluster, args: list[str], log_path: Path, timeout: float = 420) -> dict:
-    proc = start_job(cluster, args, log_path)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log = log_path.read_text(errors="replace")
-    assert proc.returncode == 0, f"caption job failed (exit {proc.returncode}):\n{log[-6000:]}"
+    wait_for_driver(start_job(cluster, args, log_path), log_path, timeout, "caption job")
     # The job's summary, as it leaves it in the captions folder (its console shows a one-line form).
     out = args[args.index("--out") + 1]
     endpoint = next(a.split("=", 1)[1] for a in args if a.startswith("storage.endpoint_url="))

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import pid_alive
-from ray_head import RayCluster, RayNode, job_runtime_env_vars, start_head
+from ray_head import RayCluster, RayNode, job_runtime_env_vars, start_head, wait_for_driver
 from umaf import storage
 from umaf.caption.store import read_captions, read_ok_captions
 from umaf.data.demo import write_demo
@@ -99,14 +99,7 @@ def run_driver(job: str, args: list[str], cluster: RayCluster, log_path: Path, e
 
 
 def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log = log_path.read_text(errors="replace")
-    assert proc.returncode == 0, f"job failed (exit {proc.returncode}) after the node kill:\n{log[-8000:]}"
-    return log
+    return wait_for_driver(proc, log_path, timeout, "the job, after the node kill,")
 
 
 def kill_node(cluster: RayCluster, node: RayNode, what: str) -> None:
