@@ -12,7 +12,9 @@ Isolation from other clusters on the machine:
   manager, node manager), so parallel test sessions don't collide;
 - each cluster has a private short ``--temp-dir`` (Unix socket paths must stay under ~107 bytes),
   so its address file is not ``/tmp/ray/ray_current_cluster`` and a stale one there is never joined:
-  drivers are always given the address explicitly (``RAY_ADDRESS`` / ``ray.address=``).
+  drivers are always given the address explicitly (``RAY_ADDRESS`` / ``ray.address=``);
+- each worker node has its own temp dir under the cluster's (as on its own machine), so nodes that
+  start together never take the same socket names.
 """
 
 from __future__ import annotations
@@ -297,12 +299,19 @@ def start_worker(
     object_store_mb: int = 150,
     env: dict[str, str] | None = None,
 ) -> RayNode:
-    """``ray start --address=<head> --block`` as another node on this machine (not yet waited for)."""
+    """``ray start --address=<head> --block`` as another node on this machine (not yet waited for).
+
+    Each node has a temp dir of its own, as a node on its own machine has: nodes that share one
+    pick their socket names (``sockets/raylet.N``, ``sockets/plasma_store.N``) by counting what is
+    there, so two starting at once took the same names and one raylet died with "bind: Address
+    already in use" (a worker restarted 30 s later, or a head left without its nodes). So each node
+    also runs its own log monitor, which streams its workers' output to the drivers."""
+    temp_dir = cluster.temp_dir / name  # (short: Unix socket paths under it must stay < ~107 bytes)
+    temp_dir.mkdir(exist_ok=True)
     args = [
         RAY_BIN, "start", "--block", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_mb * 1024 * 1024}",
-        "--disable-usage-stats", "--include-log-monitor=false",  # one log monitor per machine: the head's
-        *_node_ports(),
+        "--disable-usage-stats", f"--temp-dir={temp_dir}", *_node_ports(),
     ]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
