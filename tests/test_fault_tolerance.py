@@ -98,10 +98,6 @@ def run_driver(job: str, args: list[str], cluster: RayCluster, log_path: Path, e
     )
 
 
-def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    return wait_for_driver(proc, log_path, timeout, "the job, after the node kill,")
-
-
 def kill_node(cluster: RayCluster, node: RayNode, what: str) -> None:
     print(f"[fault] killing node {node.name} ({what}); its processes:\n  " + "\n  ".join(node.describe()))
     killed = node.kill()
@@ -149,7 +145,7 @@ def test_caption_job_survives_losing_the_vlm_actors_node(cluster, tmp_path, tiny
     done_before = len(read_captions(out))
     assert driver.poll() is None and done_before < len(ids), "the job finished before the node was frozen"
     kill_node(cluster, victim, f"hosts the VLM actor; {done_before}/{len(ids)} captions written")
-    log = finish(driver, log_path, 400)
+    log = wait_for_driver(driver, log_path, 400, "the caption job, after the node kill,")
 
     table = read_captions(out)
     assert sorted(table["id"].to_pylist()) == sorted(ids), "every id has exactly one caption row (none lost, none duplicated)"
@@ -205,7 +201,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_workers_node(cluster, t
     assert not (run / "metrics.json").exists() and driver.poll() is None, "training ended before the node was frozen"
     assert history[-1]["epoch"] < epochs - 1, f"the last epoch was reported before the freeze: {history}"
     kill_node(cluster, victim, f"hosts a Train worker; epochs reported so far: {[h['epoch'] for h in history]}")
-    finish(driver, log_path, 450)
+    wait_for_driver(driver, log_path, 450, "training, after the node kill,")
 
     metrics = storage.read_json(str(run / "metrics.json"))
     history = storage.read_json(str(run / "history.json"))
