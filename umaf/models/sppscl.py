@@ -30,7 +30,8 @@ which normalises by the statistics of the GLOBAL batch under DDP (on CPU/gloo to
 ``torch.nn.SyncBatchNorm`` cannot run) and is plain BatchNorm otherwise.
 
 Because CMF attends across the batch, a sample's prediction depends on its batch-mates: evaluation
-uses a fixed batch size (``TrainConfig.eval_batch_size``) over the split in manifest order. Under
+follows a protocol (``TrainConfig.eval``, :mod:`umaf.train.order`): the official one (source order,
+batches of ``eval_batch_size``) or ``train_context`` (each pair among training pairs only, ``isolate``). Under
 DDP training the keys/values of CMF are gathered from every rank (with gradient), so N workers
 attend over the same global batch one process would.
 """
@@ -39,10 +40,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
 from umaf.config import ModelRef, PathOrUri, StrictModel
@@ -52,26 +53,51 @@ from umaf.models.image_encoder import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODE
 
 Compat = Literal["paper", "official"]
 Variant = Literal["two_step", "one_step", "no_inter", "no_intra"]
+PAPER_MAX_LENGTH, OFFICIAL_MAX_LENGTH = 200, 202  # the paper's N; the released config.py's max_length
+
+
+def exact_fraction(value: Any) -> Any:
+    """``"2/3"`` → ``2 / 3`` as Python computes it: the very float the official code multiplies by
+    (``int(mask * (2/3))``), so the step-2 threshold equals the official one at every batch size
+    (0.6667 does not: ``int(10000 * 0.6667) = 6667`` where the official code has 6666)."""
+    if isinstance(value, str) and "/" in value:
+        numerator, _, denominator = value.partition("/")
+        try:
+            return float(numerator) / float(denominator)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"{value!r} is not a fraction like 2/3") from exc
+    return value
+
+
+# A ratio given as a number or an exact fraction ("2/3").
+Ratio = Annotated[float, BeforeValidator(exact_fraction)]
 
 
 class SppSclConfig(StrictModel):
     """The ``sppscl:`` section of the train config (paper Table 2 values are in the presets)."""
 
-    image_encoder: ModelRef = Field(DEFAULT_IMAGE_ENCODER, description="HF id or local path of the frozen ResNet")
+    image_encoder: ModelRef = Field(
+        DEFAULT_IMAGE_ENCODER, description="HF id or local folder of the frozen ResNet, or a torchvision ResNet "
+        "state_dict file (*.pth, e.g. the official code's resnet50-19c8e357.pth), converted once")
     text_encoder: ModelRef = Field(DEFAULT_TEXT_ENCODER, description="HF id or local path of the BERT encoder")
     image_size: int = Field(224, ge=8, description="image side after resize/crop")
-    max_length: int = Field(200, ge=4, description="text length in tokens (the paper's N=200)")
+    max_length: int | None = Field(
+        None, ge=4, description="text length in tokens; None: the paper's N=200, or 202 under compat=official "
+        "(the released config.py)")
     embed_dim: int = Field(32, ge=2, description="D, the shared embedding size of I_p and T_p")
     image_channels: int = Field(128, ge=1, description="channels of the 1x1 conv on the layer-4 map")
     lstm_hidden: int = Field(64, ge=1, description="BiLSTM hidden size per direction (output 2x)")
     dropout: float = Field(0.2, ge=0, lt=1)
     ce_weight: float = Field(5.0, ge=0, description="lambda of Eq. 7 (5 for MVSA, 10 for HFM)")
     tau: float = Field(0.07, gt=0, description="temperature of the contrastive losses")
-    alpha: float = Field(2 / 3, gt=0, description="threshold of the step-2 test (Algorithm 1 line 12)")
+    alpha: Ratio = Field(
+        2 / 3, gt=0, description="threshold of the step-2 test (Algorithm 1 line 12); a number or an exact "
+        "fraction such as 2/3")
     alignment_check: Compat | None = Field(
-        None,
-        description="the step-2 test: paper (cosine, Inter-Mask without the diagonal) or official (sigmoid of raw "
-        "dot products, diagonal counted, as the released code with which alpha=2/3 was tuned); None: as compat",
+        "official",
+        description="the step-2 test: official (sigmoid of raw dot products, diagonal counted: the released code, "
+        "with which alpha=2/3 was tuned and the published numbers made) or paper (cosine, Inter-Mask without the "
+        "diagonal, as printed; at alpha=2/3 it almost never fires); None: as compat",
     )
     inter_positives: Literal["paired", "printed"] = Field(
         "paired",
@@ -114,6 +140,12 @@ class SppSclConfig(StrictModel):
     @property
     def resolved_alignment_check(self) -> Compat:
         return self.alignment_check or self.compat
+
+    @property
+    def resolved_max_length(self) -> int:
+        if self.max_length is not None:
+            return self.max_length
+        return OFFICIAL_MAX_LENGTH if self.compat == "official" else PAPER_MAX_LENGTH
 
     @property
     def frozen_features_deterministic(self) -> bool:
@@ -192,15 +224,25 @@ class CrossModalFusion(nn.Module):
         self.q_t, self.k_t, self.v_t = proj(), proj(), proj()
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, image_p: torch.Tensor, text_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_p: torch.Tensor, text_p: torch.Tensor,
+                isolate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``isolate=n`` (evaluation): each of the first ``n`` rows attends only to itself and to the rows
+        after them (the context), never to another of the first ``n``: as if each were alone in a batch
+        with the context (the ``train_context`` evaluation protocol, :mod:`umaf.train.order`)."""
         if self.training and is_distributed():
             image_all, text_all = gather_with_grad(image_p), gather_with_grad(text_p)
         else:
             image_all, text_all = image_p, text_p
-        attn_i = torch.softmax((self.q_i(image_p) * text_p) @ (self.k_i(image_all) * text_all).T * self.scale, dim=-1)
-        image_m = attn_i @ self.v_i(image_all)
-        attn_t = torch.softmax((self.q_t(text_p) * image_p) @ (self.k_t(text_all) * image_all).T * self.scale, dim=-1)
-        text_m = attn_t @ self.v_t(text_all)
+        blocked = None
+        if isolate is not None:
+            rows = torch.arange(len(image_p), device=image_p.device)
+            blocked = (rows[None, :] < isolate) & (rows[:, None] != rows[None, :])
+        scores_i = (self.q_i(image_p) * text_p) @ (self.k_i(image_all) * text_all).T * self.scale
+        scores_t = (self.q_t(text_p) * image_p) @ (self.k_t(text_all) * image_all).T * self.scale
+        if blocked is not None:
+            scores_i, scores_t = scores_i.masked_fill(blocked, float("-inf")), scores_t.masked_fill(blocked, float("-inf"))
+        image_m = torch.softmax(scores_i, dim=-1) @ self.v_i(image_all)
+        text_m = torch.softmax(scores_t, dim=-1) @ self.v_t(text_all)
         return image_m, text_m
 
 
@@ -231,7 +273,8 @@ class SppSclHead(nn.Module):
         self.fc = nn.Linear(2 * d, num_classes)
 
     def forward(
-        self, image_map: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor, embeddings_only: bool = False
+        self, image_map: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor, embeddings_only: bool = False,
+        isolate: int | None = None,
     ) -> SppSclOutput:
         image_l = self.image_conv(image_map.float()).flatten(1)  # Eq. 1: P(c(ResNet(I)))
         text_states = text_states[:, -self.text_layers :]  # the last layers; [:, -1] is the top one
@@ -243,7 +286,7 @@ class SppSclHead(nn.Module):
             # so DDP (find_unused_parameters) does not wait for their gradients in step 2.
             return SppSclOutput(image_p=image_p, text_p=text_p)
         if self.cmf is not None:
-            image_m, text_m = self.cmf(image_p, text_p)
+            image_m, text_m = self.cmf(image_p, text_p, isolate)
             fused_in = torch.cat([image_m, text_m, image_p, text_p], dim=1)  # M_p of Eq. 3
         else:
             fused_in = torch.cat([image_p, text_p], dim=1)
@@ -326,6 +369,7 @@ class SppSclModel(nn.Module):
         image_map: torch.Tensor | None = None,
         text_states: torch.Tensor | None = None,
         embeddings_only: bool = False,
+        isolate: int | None = None,
     ) -> SppSclOutput:
         if image_map is None or text_states is None:
             if pixel_values is None or input_ids is None:
@@ -337,7 +381,7 @@ class SppSclModel(nn.Module):
                 length = max(2, int(attention_mask.sum(dim=1).max()))
                 input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
             image_map, text_states = self.encode(pixel_values, input_ids, attention_mask)
-        return self.head(image_map, text_states, attention_mask, embeddings_only=embeddings_only)
+        return self.head(image_map, text_states, attention_mask, embeddings_only=embeddings_only, isolate=isolate)
 
     # Checkpoints hold what trains. Frozen encoders are reloaded from their names, so saving them
     # every epoch (BERT-base + ResNet-50: ~135M parameters, ~540 MB) would only cost time and

@@ -51,6 +51,13 @@ class UmafConfig(StrictModel):
         None, description="folder for built encoders (tiny-random-bert); None: ~/.cache/umaf/encoders"
     )
     train_encoder: bool = Field(True, description="fine-tune the pretrained encoder (False: frozen)")
+    text_feature_cache: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: a frozen text encoder's (train_encoder=false) token states are computed once per split "
+        "(eval mode) into <parent of out>/feature_cache and reused by every epoch, run and trial (rows over text, "
+        "+ captions); off: the frozen encoder runs every step",
+    )
+    text_cache_dir: PathOrUri | None = Field(None, description="text-state cache folder; None: <parent of out>/feature_cache")
     max_length: int = Field(256, ge=8, description="tokens of [T; T_vlm] incl. special tokens; T_vlm is cut first")
     caption_field_shares: dict[str, float] = Field(
         default_factory=lambda: {"ocr": 1.0, "visual_scene": 1.0, "textimage_relation": 1.0},
@@ -115,6 +122,12 @@ class UmafConfig(StrictModel):
     def uses_captions(self) -> bool:
         """T_vlm in the sequence: the UMAF row (``captions``) unless the text-only ablation is asked."""
         return self.backbone == "captions" and self.use_captions
+
+    @property
+    def caches_text_states(self) -> bool:
+        """The frozen text encoder's states come from the feature cache (not with image tokens: Table 3's
+        multimodal rows cache the image side only)."""
+        return self.uses_text and not self.uses_image and not self.train_encoder and self.text_feature_cache == "auto"
 
     @property
     def caches_image_tokens(self) -> bool:
@@ -263,13 +276,17 @@ class UmafModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         return_attention: bool = False,
+        text_states: torch.Tensor | None = None,
     ) -> UmafOutput:
         parts, masks = [], []
         if self.encoder is not None:
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None and self._token_types:
-                kwargs["token_type_ids"] = token_type_ids
-            parts.append(self.encoder(**kwargs).last_hidden_state)  # Eq. 1 (T, or [T; T_vlm])
+            if text_states is not None:  # Eq. 1 computed once by the frozen encoder (the feature cache)
+                parts.append(text_states.to(self.classifier.weight.dtype))
+            else:
+                kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                if token_type_ids is not None and self._token_types:
+                    kwargs["token_type_ids"] = token_type_ids
+                parts.append(self.encoder(**kwargs).last_hidden_state)  # Eq. 1 (T, or [T; T_vlm])
             masks.append(attention_mask.bool())
         if self.image_proj is not None:
             if image_tokens is None:

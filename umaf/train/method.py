@@ -80,6 +80,10 @@ class StepContext:
     grad_clip: float | None = None
     on_optimizer_step: Callable[[], None] | None = None  # the loop's per-step LR schedule
     last_grad_norm: torch.Tensor | float = field(default=float("nan"))  # a tensor: reading it syncs the device
+    # After each optimizer step: None (PyTorch >= 2's default: parameters without a gradient in the next
+    # backward are skipped by the optimizer) or zero tensors (PyTorch 1.x's default: AdamW still moves them
+    # by momentum and weight decay). SPP-SCL's compat=official sets zeros, as the released code ran.
+    zero_grad_set_to_none: bool = True
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the forward pass (bf16 needs no loss scaling)."""
@@ -96,7 +100,7 @@ class StepContext:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.last_grad_norm = norm.detach()  # not float(norm): that would sync the GPU every step
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.zero_grad_set_to_none)
         self.global_step += 1
         if self.on_optimizer_step is not None:
             self.on_optimizer_step()
@@ -145,6 +149,25 @@ class Method(ABC):
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval forward (the loop sets eval mode and no_grad): ``(logits, features)``."""
+
+    def end_epoch(self, cfg: TrainConfig, epoch: int) -> tuple[dict[str, float], list[str]]:
+        """Every rank, after an epoch's last step: ``(values, notes)``. The values join the epoch's train
+        terms (``history.json`` as ``train_<name>``, TensorBoard ``train/<name>``, the epoch line); each
+        note is logged once as a warning by rank 0 (SPP-SCL: the step-2 fire rate and its warning)."""
+        return {}, []
+
+    def eval_depends_on_batch(self, cfg: TrainConfig) -> bool:
+        """Whether a pair's eval prediction depends on its batch-mates (SPP-SCL's CMF attends across the
+        batch): then the evaluation protocols differ, and both are reported (:mod:`umaf.train.order`)."""
+        return False
+
+    def predict_isolated(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         n_query: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n_query`` rows' ``(logits, features)``, each row predicted as if its only batch-mates
+        were the rows after ``n_query`` (the train_context protocol's training pairs). Default: a method
+        whose rows do not see each other needs nothing more than :meth:`predict`."""
+        logits, features = self.predict(model, batch)
+        return logits[:n_query], features[:n_query]
 
     def observe_eval(self, split: str | None) -> None:
         """Rank 0's final evaluation says which split its next ``predict`` calls belong to (None: done), so

@@ -21,6 +21,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         out[f"{average}_precision"], out[f"{average}_recall"], out[f"{average}_f1"] = float(p), float(r), float(f)
+    out["f1_of_weighted_pr"] = f1_of_weighted_pr(out["weighted_precision"], out["weighted_recall"])
     report = classification_report(
         y_true, y_pred, labels=labels, target_names=label_names, output_dict=True, zero_division=0
     )
@@ -28,6 +29,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     out["labels"] = list(label_names)
     return out
+
+
+def f1_of_weighted_pr(weighted_precision: float, weighted_recall: float) -> float:
+    """The UMAF paper's F1 (Tables 1 and 4): the harmonic mean of weighted precision and weighted recall,
+    e.g. P 89.57, R 89.34 -> F1 89.46 (MSED sentiment). It is not sklearn's weighted F1 (the support-
+    weighted mean of per-class F1), which is never above it and can be several points lower."""
+    total = weighted_precision + weighted_recall
+    return 0.0 if total == 0 else 2 * weighted_precision * weighted_recall / total
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

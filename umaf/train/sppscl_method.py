@@ -36,15 +36,20 @@ def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lab
     """One batch of SPP-SCL training (Algorithm 1); returns the loss terms (detached tensors, left on
     the device for the loop to read once per logging interval) and whether step 2 ran.
 
-    ``step2`` is 1.0 when the second update (L_clm) ran on this batch, else 0.0: the loop averages it
-    over the epoch, so ``train_step2`` in ``history.json`` (``train/step2`` in TensorBoard) is the
-    fraction of the epoch's batches on which the configured alpha check fired step 2.
+    ``step2`` is 1.0 when the second update (L_clm) ran on this batch, else 0.0 (a plain float):
+    :class:`SppSclMethod` counts it, so ``train_step2_fire_rate`` in ``history.json``
+    (``train/step2_fire_rate`` in TensorBoard, and the epoch line) is the fraction of the epoch's steps
+    on which the configured check fired step 2.
 
     Contrastive losses see the global batch (``gather_with_grad``); CE stays per rank (DDP's mean of
     equal per-rank means is the global mean). The step-2 decision is reduced across ranks inside
     ``needs_inter_alignment``, so every rank takes the same number of backward passes.
     """
     tau, compat, variant, positives = config.tau, config.compat, config.variant, config.inter_positives
+    official = compat == "official"
+    # The released code (torch 1.8) zeroes gradients to 0, not None: its step-2 AdamW update still
+    # moves CMF and the classifier (momentum, weight decay) although L_clm gives them no gradient.
+    ctx.zero_grad_set_to_none = not official
     labels_all = distributed.gather_no_grad(labels)
 
     with ctx.autocast():
@@ -70,9 +75,10 @@ def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lab
     if variant == "no_inter":
         return {**terms, "l_clm": 0.0, "loss": loss1.detach(), "step2": 0.0}
 
-    # Line 7: I_p', T_p' from the updated model; only the embeddings are needed.
+    # Line 7: I_p', T_p' from the updated model. Only the embeddings are needed; compat=official runs the
+    # whole model as the released train.py does, so the classifier's BatchNorm statistics move again.
     with ctx.autocast():
-        out2: SppSclOutput = model(**inputs, embeddings_only=True)
+        out2: SppSclOutput = model(**inputs, embeddings_only=not official)
     # Lines 8–12, one decision for all ranks.
     if needs_inter_alignment(out2.text_p, out2.image_p, labels, config.alpha, config.resolved_alignment_check):
         l_clm = supcon_cross_loss(distributed.gather_with_grad(out2.text_p).float(),
@@ -126,6 +132,8 @@ class SppSclMethod(Method):
 
     def __init__(self) -> None:
         self.cache_info: dict[str, Any] = {}
+        self._steps = self._step2_steps = 0  # this epoch's steps, and those on which step 2 ran
+        self._warned_rare_step2 = False
 
     @staticmethod
     def _storage_kw(cfg) -> dict[str, Any]:
@@ -147,15 +155,15 @@ class SppSclMethod(Method):
             cached, info = load_or_build(
                 ds, cache_dir=s.cache_dir or default_cache_dir(cfg.out), split=split,
                 image_encoder=s.image_encoder, text_encoder=s.text_encoder, image_size=s.image_size,
-                max_length=s.max_length, storage_kw=self._storage_kw(cfg), concurrency=cfg.preprocess_concurrency,
-                use_gpu=cfg.use_gpu,
+                max_length=s.resolved_max_length, storage_kw=self._storage_kw(cfg), concurrency=cfg.preprocess_concurrency,
+                use_gpu=cfg.use_gpu, gpus_per_actor=cfg.preprocess_gpus_per_actor,
             )
             self.cache_info[split] = info
             return cached
         return ds.map_batches(
             raw_inputs_batch,
             fn_kwargs={"image_encoder": s.image_encoder, "text_encoder": s.text_encoder,
-                       "image_size": s.image_size, "max_length": s.max_length, "storage_kw": self._storage_kw(cfg)},
+                       "image_size": s.image_size, "max_length": s.resolved_max_length, "storage_kw": self._storage_kw(cfg)},
             batch_format="numpy",
             batch_size=64,
             concurrency=cfg.preprocess_concurrency,
@@ -175,8 +183,9 @@ class SppSclMethod(Method):
         resolve_image_encoder(s.image_encoder)
         built = load_or_build_splits(
             datasets, cache_dir=s.cache_dir or default_cache_dir(cfg.out), image_encoder=s.image_encoder,
-            text_encoder=s.text_encoder, image_size=s.image_size, max_length=s.max_length,
+            text_encoder=s.text_encoder, image_size=s.image_size, max_length=s.resolved_max_length,
             storage_kw=self._storage_kw(cfg), concurrency=cfg.preprocess_concurrency, use_gpu=cfg.use_gpu,
+            gpus_per_actor=cfg.preprocess_gpus_per_actor,
         )
         self.cache_info.update({split: info for split, (_, info) in built.items()})
         return {split: ds for split, (ds, _) in built.items()}
@@ -214,12 +223,43 @@ class SppSclMethod(Method):
             # BatchNorm cannot train on one sample and a contrastive loss has no pair. Train V2 splits
             # the train set evenly, so every rank skips the same last batch (no DDP mismatch).
             return {}
-        return two_step_update(model, self._inputs(batch), batch["labels"], ctx.config.sppscl, ctx)
+        terms = two_step_update(model, self._inputs(batch), batch["labels"], ctx.config.sppscl, ctx)
+        # The decision is one for all ranks (needs_inter_alignment reduces it), so every rank counts alike.
+        self._steps += 1
+        self._step2_steps += int(terms.pop("step2") > 0)
+        return terms
+
+    def end_epoch(self, cfg, epoch: int) -> tuple[dict[str, float], list[str]]:
+        """``step2_fire_rate``: the fraction of the epoch's steps on which step 2 (L_clm) ran; when it is
+        under 1% in a variant that has a step 2, one warning for the run naming the knob."""
+        s: SppSclConfig = cfg.sppscl
+        steps, fired = self._steps, self._step2_steps
+        self._steps = self._step2_steps = 0
+        if not steps:
+            return {}, []
+        rate = fired / steps
+        notes = []
+        if s.variant in ("two_step", "no_intra") and rate < 0.01 and not self._warned_rare_step2:
+            self._warned_rare_step2 = True
+            check = s.resolved_alignment_check
+            hint = ("alpha=2/3 was tuned with sppscl.alignment_check=official" if check == "paper"
+                    else "raise sppscl.alpha to run it more often")
+            notes.append(f"step 2 (L_clm) ran on {fired} of {steps} steps ({rate:.1%}) in epoch {epoch + 1}: the "
+                         f"sppscl.alignment_check={check} test at sppscl.alpha={s.alpha:.4g} almost never fires, so "
+                         f"this run trains the w/o L_clm ablation; {hint}")
+        return {"step2_fire_rate": rate}, notes
 
     def predict(self, model, batch):
         # CMF attends across the batch: the loop evaluates with a fixed eval_batch_size in split order.
         out = model(**self._inputs(batch))
         return out.logits, out.fused
+
+    def eval_depends_on_batch(self, cfg) -> bool:
+        return cfg.sppscl.fusion == "cmf"  # w/o CMF (concat) each pair is classified on its own
+
+    def predict_isolated(self, model, batch, n_query: int):
+        out = model(**self._inputs(batch), isolate=n_query)
+        return out.logits[:n_query], out.fused[:n_query]
 
     def finish(self, model, cfg, split_batches, label_names, device, run_uri, storage_kw) -> dict[str, Any]:
         """IID/TTD/ITD per class on dev and test, and a t-SNE PNG of the test fusion features."""
@@ -279,6 +319,6 @@ class SppSclMethod(Method):
     def model_card(self, cfg) -> dict[str, Any]:
         s = cfg.sppscl
         return {"image_encoder": s.image_encoder, "text_encoder": s.text_encoder, "image_size": s.image_size,
-                "max_length": s.max_length, "feature_cache": s.use_feature_cache, "compat": s.compat,
+                "max_length": s.resolved_max_length, "feature_cache": s.use_feature_cache, "compat": s.compat,
                 "variant": s.variant, "fusion": s.fusion, "inter_positives": s.inter_positives,
                 "alignment_check": s.resolved_alignment_check, "text_layers": s.text_layers}

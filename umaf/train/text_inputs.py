@@ -67,8 +67,10 @@ def allocate(needs: Sequence[int], shares: Sequence[float], budget: int) -> list
         for i in active:
             keep[i] = min(needs[i], base + int(rest * shares[i] / total_share))
         spare = left - sum(keep[i] for i in active)
-        # Tokens lost to rounding: one each, to fields with nothing first, then by share.
-        for i in sorted(active, key=lambda j: (keep[j] > 0, -shares[j])):
+        # Tokens lost to rounding: one each, to fields with nothing first, then by share; among equals
+        # the LAST field first, so a tie never drops textimage_relation (the field that aligns image
+        # and text, CAPTION_FIELDS' last) before ocr or visual_scene.
+        for i in sorted(active, key=lambda j: (keep[j] > 0, -shares[j], -j)):
             if spare <= 0:
                 break
             if keep[i] < needs[i]:

@@ -19,7 +19,7 @@ import torch
 
 from umaf import distributed
 from umaf.caption.fields import CAPTION_FIELDS, caption_text
-from umaf.caption.store import read_ok_captions
+from umaf.caption.store import select_captions
 from umaf.data.manifest import SPLITS
 from umaf.models.encoders import load_encoder, load_tokenizer, resolve_encoder
 from umaf.models.umaf import UmafModel, umaf_loss
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 CAPTION_COLUMN = "caption_text"  # the joined T_vlm (for reading; tokenisation uses the fields)
 FIELD_COLUMNS = tuple(f"caption_{name}" for name in CAPTION_FIELDS)  # each field, budgeted separately
 TEXT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-MODEL_INPUTS = (*TEXT_COLUMNS, "pixel_values", "image_tokens")
+MODEL_INPUTS = (*TEXT_COLUMNS, "pixel_values", "image_tokens", "text_states")
 IMAGE_COLUMNS = ("image", "image_ok")  # carried through tokenisation for the image rows
 
 
@@ -147,8 +147,12 @@ class UmafMethod(Method):
                     "UMAF needs captions: pass --captions URI (the caption job's output), or umaf.use_captions=false "
                     "for the text-only ablation"
                 )
-            captions = read_ok_captions(cfg.captions, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+            chosen = select_captions(cfg.captions, cfg.caption_fingerprint, endpoint_url=cfg.storage.endpoint_url,
+                                     region=cfg.storage.region)
+            captions = chosen.table
         prepared = join_captions(table, captions, cfg.missing_caption)
+        if captions is not None:
+            prepared.report["captions"] = chosen.describe()  # data_report.json: the caption set trained on
         u = cfg.umaf
         if not u.uses_text:
             return prepared
@@ -173,6 +177,8 @@ class UmafMethod(Method):
             resolve_encoder(tokenizer, u.encoder_cache)  # build a tiny encoder once here, not per actor
         if u.caches_image_tokens:
             return self._cached_image_splits(datasets, cfg)
+        if u.caches_text_states:
+            return self._cached_text_splits(datasets, cfg)
         out = {}
         for split, ds in datasets.items():
             present = ds.columns()
@@ -212,6 +218,7 @@ class UmafMethod(Method):
             datasets, cache_dir=u.image_cache_dir or default_cache_dir(cfg.out),
             image_encoder=resolve_encoder(u.image_encoder, u.encoder_cache), storage_kw=_storage_kw(cfg),
             concurrency=cfg.preprocess_concurrency, use_gpu=cfg.use_gpu,
+            gpus_per_actor=cfg.preprocess_gpus_per_actor,
         )
         self.cache_info = {split: info for split, (_, info) in built.items()}
         if not u.uses_text:
@@ -228,6 +235,39 @@ class UmafMethod(Method):
             out[split] = cached.map_batches(attach_text_tokens, fn_kwargs={"tokens_ref": ray.put(tokens)},
                                             batch_format="numpy", batch_size=512)
         return out
+
+    def _cached_text_splits(self, datasets, cfg):
+        """Frozen text encoder: each split tokenised here (the same encoder as the Ray Data path), its
+        token states computed once into the feature cache (shared with later epochs, runs, Tune trials
+        and experiment cells), then the token arrays (mask, sources) attached by id."""
+        import ray
+        import ray.data
+        from ray.data.extensions import ArrowTensorArray
+
+        from umaf.train.feature_cache import load_or_build_text_states
+        from umaf.train.sppscl_method import default_cache_dir
+
+        u = cfg.umaf
+        encoder = _pair_encoder(u.tokenizer or u.encoder, u.encoder_cache, u.max_length,
+                                tuple(sorted(u.caption_field_shares.items())))
+        tokenised, tokens_of = {}, {}
+        for split, ds in datasets.items():
+            rows = ds.select_columns([c for c in ("id", "text", "label", CAPTION_COLUMN, *FIELD_COLUMNS) if c in ds.columns()])
+            table = pa.concat_tables(ray.get(rows.to_arrow_refs())).to_pydict()
+            tokens = encoder.encode(table["text"], _captions_of(table))
+            tokens["index"] = {i: k for k, i in enumerate(table["id"])}
+            tokens_of[split] = tokens
+            tokenised[split] = ray.data.from_arrow(pa.table({
+                "id": pa.array(table["id"], pa.string()), "label": pa.array(table["label"], pa.int64()),
+                **{name: ArrowTensorArray.from_numpy(tokens[name]) for name in TEXT_COLUMNS}}))
+        built = load_or_build_text_states(
+            tokenised, cache_dir=u.text_cache_dir or default_cache_dir(cfg.out),
+            encoder=resolve_encoder(u.encoder, u.encoder_cache), encoder_cache=u.encoder_cache,
+            storage_kw=_storage_kw(cfg), concurrency=cfg.preprocess_concurrency, use_gpu=cfg.use_gpu)
+        self.cache_info = {split: info for split, (_, info) in built.items()}
+        return {split: cached.map_batches(attach_text_tokens, fn_kwargs={"tokens_ref": ray.put(tokens_of[split])},
+                                          batch_format="numpy", batch_size=512)
+                for split, (cached, _) in built.items()}
 
     def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
         from umaf.models.image_encoder import ImageTokenEncoder, image_token_width
@@ -269,6 +309,10 @@ class UmafMethod(Method):
             from umaf.train.feature_cache import decode_image_tokens
 
             out["image_tokens"] = decode_image_tokens(batch)
+        if "text_states" in batch:  # cut like the mask above: both end at the batch's longest real row
+            from umaf.train.feature_cache import decode_text_states
+
+            out["text_states"] = decode_text_states(batch)
         out["labels"] = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.long)
         return {name: value.to(device) for name, value in out.items()}
 
