@@ -8,6 +8,7 @@
 
 Each trial is a whole jobs/train.py run (Ray Train inside Tune); ASHA stops bad trials on the dev
 metric. Results: <out>/<name>/results.{parquet,csv,md}, best_config.yaml, dev_metric_vs_params.png.
+Exit status 3 when a trial failed (after its retries): the results of the others are written.
 `--help` lists every config key.
 """
 
@@ -31,6 +32,7 @@ FLAGS = [
     Flag("--out", "out", "sweeps folder: local path or s3://bucket/prefix"),
     Flag("--resume", "resume", "continue the sweep at <out>/<name> whose driver died", action="store_true"),
 ]
+FAILED_TRIALS_STATUS = 3
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -45,6 +47,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result = run_sweep(cfg)
     print(result["summary"])
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "summary")}, indent=2))
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    if failed:
+        # A sweep with a failed trial is not a finished sweep: scripts and `ray job submit` must see it.
+        print(f"jobs/tune.py: error: {len(failed)} of {len(result['rows'])} trials failed (e.g. trial "
+              f"{failed[0]['trial_id']}: {failed[0]['error']}); the results of the others are written. Rerun with "
+              "--resume to retry them.", file=sys.stderr)
+        raise SystemExit(FAILED_TRIALS_STATUS)
     return result
 
 

@@ -112,6 +112,26 @@ def _finished_trials(bucket: str, runs_prefix: str) -> set[str]:
     return {k.split("/")[-2] for k in _s3_keys(bucket, runs_prefix) if k.endswith("/metrics.json")}
 
 
+def best_by_tune_results(result_files: list[str]) -> tuple[float, list[dict]]:
+    """The best dev metric any trial reported and the swept values of every trial that reported it, read
+    from Tune's own per-trial ``result.json`` (one JSON line per reported epoch, with the trial's
+    config): what the sweep's best_config.yaml must hold, found without the sweep's code."""
+    import json
+
+    best, configs = -1.0, []
+    for text in result_files:
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        scores = [line["dev_weighted_f1"] for line in lines if line.get("dev_weighted_f1") is not None]
+        if not scores:
+            continue
+        top, config = max(scores), lines[-1]["config"]
+        if top > best:
+            best, configs = top, [config]
+        elif top == best:
+            configs.append(config)
+    return best, configs
+
+
 def _versions(bucket: str, key: str) -> int:
     import boto3
 
@@ -180,11 +200,16 @@ def test_umaf_sweep_on_s3_survives_a_killed_driver_and_resumes(ray_cluster, s3_b
     # Per-trial TensorBoard curves under the sweep folder.
     assert any("/tensorboard/events.out.tfevents." in k for k in _s3_keys(bucket, runs))
 
-    # The best config is a jobs/train.py config: train's own parser takes it (--print-config validates
-    # it and exits) with the best trial's values. (Training from it is what every train test does.)
+    # The best config is the trial with the best dev metric Tune received (found here from Tune's own
+    # result files, not the sweep's sort), and a jobs/train.py config: train's own parser takes it
+    # (--print-config validates it and exits). (Training from it is what every train test does.)
     best_yaml = storage.read_text(f"{root}/best_config.yaml")
     best = yaml.safe_load(best_yaml)
-    assert best["umaf"]["top_k"] == rows[0]["K"] and best["umaf"]["uniformity_weight"] == rows[0]["lambda"]
+    result_keys = [k for k in _s3_keys(bucket, "sweeps/tiny-umaf/") if k.endswith("/result.json") and "/runs/" not in k]
+    top, winners = best_by_tune_results([storage.read_text(f"s3://{bucket}/{k}") for k in result_keys])
+    assert len(result_keys) >= 3 and top > 0, result_keys
+    assert {"umaf.top_k": best["umaf"]["top_k"], "umaf.uniformity_weight": best["umaf"]["uniformity_weight"]} in winners
+    assert f"best_dev_weighted_f1={top:.4f}" in best_yaml.splitlines()[0]
     (tmp_path / "best_config.yaml").write_text(best_yaml)
     printed = subprocess.run([sys.executable, "jobs/train.py", "--config", str(tmp_path / "best_config.yaml"),
                               "--print-config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -219,24 +244,38 @@ def test_sppscl_optuna_sweep_shares_one_feature_cache(ray_cluster, tmp_path: Pat
     # trial writes its config.yaml first thing).
     first_trial_start = min(p.stat().st_mtime_ns for p in (root / "runs").glob("*/config.yaml"))
     assert all(p.stat().st_mtime_ns < first_trial_start for p in caches)
-    assert (root / "best_config.yaml").is_file()
+    # The best config holds the values of the trial with the best dev metric Optuna's trials reported.
+    top, winners = best_by_tune_results([p.read_text() for p in root.glob("*/result.json")])
+    best = yaml.safe_load((root / "best_config.yaml").read_text())
+    assert top > 0 and {"sppscl.alpha": best["sppscl"]["alpha"], "sppscl.tau": best["sppscl"]["tau"]} in winners
+
+
+def test_best_by_tune_results_reads_the_best_reported_epoch():
+    """The helper the sweep tests check best_config.yaml with: the best epoch of any trial wins, not the
+    last epoch, and ties keep every winner."""
+    import json
+
+    def lines(config, scores):
+        return "\n".join(json.dumps({"dev_weighted_f1": s, "config": config}) for s in scores)
+
+    top, winners = best_by_tune_results([lines({"K": 2}, [0.5, 0.7, 0.6]), lines({"K": 5}, [0.65, 0.66]),
+                                         lines({"K": 9}, [0.1, 0.7]), ""])
+    assert top == 0.7 and winners == [{"K": 2}, {"K": 9}]
 
 
 @pytest.mark.slow
 def test_a_failing_trial_is_retried_trial_max_failures_times_then_reported(ray_cluster, tmp_path: Path):
     """A trial whose training fails every time (its swept encoder does not exist) is tried
     ``trial_max_failures + 1`` times (Tune's error file counts the failures), then reported ``failed``
-    with the cause; the sweep itself ends and writes its results table."""
-    from umaf.tune.sweep import run_sweep
-
-    cfg = load_config(TuneConfig, "tune", overrides=[
-        f"out={tmp_path / 'sweeps'}", *QUICK, "train.epochs=1", "scheduler.kind=fifo", "trial_max_failures=1",
-        "search.space={K: {grid: [2]}, umaf.encoder: {grid: [no-such-encoder]}}"])
-    result = run_sweep(cfg)
-    (row,) = result["rows"]
+    with the cause; the sweep writes its results table, and jobs/tune.py exits with status 3."""
+    with pytest.raises(SystemExit) as stop:
+        job_main("tune")(["--out", str(tmp_path / "sweeps"), *QUICK, "train.epochs=1", "scheduler.kind=fifo",
+                          "trial_max_failures=1", "search.space={K: {grid: [2]}, umaf.encoder: {grid: [no-such-encoder]}}"])
+    assert stop.value.code == 3
+    root = tmp_path / "sweeps" / "tiny-umaf"
+    (row,) = pq.read_table(root / "results.parquet").to_pylist()
     assert row["status"] == "failed" and row["error"] and row["umaf.encoder"] == "no-such-encoder", row
     assert row["test_weighted_f1"] is None and row["checkpoint_uri"] is None
-    root = tmp_path / "sweeps" / "tiny-umaf"
     (error_file,) = root.glob("*/error.txt")
     text = error_file.read_text()
     failures = [line for line in text.splitlines() if line.startswith("Failure # ")]
@@ -245,4 +284,3 @@ def test_a_failing_trial_is_retried_trial_max_failures_times_then_reported(ray_c
     # (Where it surfaces, in the tokenisation tasks or the trial itself, is Ray Data's and Tune's
     # business; the cause is transformers failing to find the encoder offline.)
     assert text.count("OSError") >= 2 and "offline mode" in text
-    assert pq.read_table(root / "results.parquet").num_rows == 1

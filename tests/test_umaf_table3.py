@@ -1,6 +1,6 @@
 """UMAF's Table 3 rows and Figure 3: tiny random-weight encoders of every family built offline and
 loaded with ``from_pretrained``; every row trained a step in-process with its Figure 3 attention; the
-cached image tokens equal to the frozen encoder's; the presets and the Table 3 sweep config; the
+cached image tokens equal to the frozen encoder's; the presets and the Table 3 experiment; the
 RoBERTa+ViT row (cached image tokens) trained one epoch on the demo set through the train job and Ray
 Train (on the session's Ray head), and with ``UMAF_TABLE3_ALL_ROWS=1`` every row."""
 
@@ -68,8 +68,9 @@ def test_tiny_encoder_families_load_through_from_pretrained(encoder_cache):
         assert encoder(pixels).shape == (1, tokens, 32)  # ResNet: 2x2 grid; ViT/CLIP: [CLS] + 16 patches
 
 
-def test_presets_mark_every_row_and_the_sweep_runs_them_all():
-    from umaf.tune.config import TuneConfig
+def test_presets_mark_every_row_and_the_experiment_runs_them_all():
+    from umaf.experiment.config import ExperimentConfig
+    from umaf.experiment.published import check_refs
 
     rows = {preset: load_config(TrainConfig, "train", preset=preset).umaf for preset in ROWS}
     assert {p: u.backbone for p, u in rows.items()} == {
@@ -79,9 +80,10 @@ def test_presets_mark_every_row_and_the_sweep_runs_them_all():
     assert all(u.attention_map for u in rows.values())
     assert rows["table3-vlm"] == load_config(TrainConfig, "train", preset="paper-msed-sentiment").umaf.model_copy(
         update={"attention_map": True})
-    sweep = load_config(TuneConfig, "tune", preset="table3-msed-sentiment")
-    assert sweep.swept_presets() == ROWS and sweep.scheduler.kind == "fifo"
-    sweep.base_train_config()  # every row's preset loads with the sweep's settings
+    experiment = load_config(ExperimentConfig, "experiment", preset="umaf-table3-msed-sentiment")
+    assert [row.train_preset for row in experiment.rows.values()] == ROWS and experiment.reference == "vlm"
+    experiment.check_cells()  # every row's preset loads with the experiment's settings
+    check_refs(experiment)  # and its published figures (Table 3; Table 1 for the VLM row) resolve
 
 
 def _demo_batch(cfg: TrainConfig, image: str) -> dict[str, np.ndarray]:
@@ -166,25 +168,6 @@ def test_attention_map_numbers_by_position_and_source():
     assert s["positions"]["main_source"][:1] == ["text"] and s["positions"]["main_source"][2] == "image"
     assert s["by_source"]["image"]["attention_share"] == pytest.approx((0.8 + 0.5) / 2)
     assert s["by_source"]["image"]["token_share"] == pytest.approx((1 / 3 + 1 / 2) / 2)
-
-
-def test_table3_markdown_puts_ours_beside_the_paper(tmp_path):
-    from umaf.tune.table3 import table3_markdown, table3_rows
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({
-        "test": {"accuracy": 0.5, "weighted_f1": 0.25, "weighted_precision": 0.2, "weighted_recall": 0.5},
-        "method": {"attention_by_source": {"text": {"attention_share": 0.3}, "image": {"attention_share": 0.6}}}}))
-    rows = table3_rows([{"train_preset": "table3-clip", "run_uri": str(run), "status": "completed"},
-                        {"train_preset": "table3-bert", "run_uri": None, "status": "failed"}], {})
-    text = table3_markdown(rows)
-    assert [r["name"] for r in rows] == ["table3-bert", "table3-clip"]  # the paper's order
-    assert "| CLIP (Text+Image) | Multimodal | 85.79 | 50.00 | 85.77 | 25.00 | 85.70 | 20.00 |" in text
-    assert "0.300 / — / 0.600" in text and "| BERT | Text-only | 83.59 | — |" in text
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert len({line.count(" | ") for line in lines[2:]} | {lines[0].count(" | ")}) == 1  # one column count
-    assert lines[1].count("---") == lines[0].count(" | ") + 1
 
 
 def test_cached_image_tokens_are_the_frozen_encoders_own(encoder_cache, tmp_path):

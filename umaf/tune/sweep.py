@@ -66,16 +66,23 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str,
     the training job resumes from that folder's latest checkpoint instead of starting over.
     """
     import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    train_and_report(trial_train_config(base, params, storage.join(runs_uri, trial_id), preset_bases))
+
+
+def train_and_report(cfg: TrainConfig) -> None:
+    """Inside a Tune trial: the training run ``cfg`` (resumed from its folder's latest checkpoint when
+    there is one), every epoch reported to Tune. A sweep's trials and an experiment's cells run this."""
+    import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from umaf.train.run import run_training
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_train_config(base, params, storage.join(runs_uri, trial_id), preset_bases)
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
     if storage.exists(storage.join(cfg.out, "metrics.json"), **kw):
-        # The run finished, but the sweep's driver died before Tune recorded it: hand Tune the
-        # final epoch again instead of training (or even re-testing) anything.
+        # The run finished, but the driver died before Tune recorded it: hand Tune the final epoch
+        # again instead of training (or even re-testing) anything.
         history = storage.read_json(storage.join(cfg.out, "history.json"), **kw)
         ray.tune.report(history[-1])
         return
@@ -101,12 +108,13 @@ def prepare_base(cfg: TuneConfig) -> TrainConfig:
     written once under the sweep, and SPP-SCL's frozen-feature cache is built here, before any
     trial starts, into ``<sweep>/feature_cache`` which every trial then reads.
     """
-    from umaf.train.run import check_locations, prepare_datasets, resolve_inputs
+    from umaf.train.run import check_locations, pin_caption_fingerprint, prepare_datasets, resolve_inputs
 
     base = cfg.base_train_config()
     base = base.model_copy(update={"out": storage.join(sweep_uri(cfg), "shared")})
     base = resolve_inputs(base)  # the demo dataset, when no manifest was given
     check_locations(base)  # inputs exist, the sweep folder is writable: said before any trial starts
+    base = pin_caption_fingerprint(base)  # every trial reads the same caption set (several: said here, once)
     if base.model == "sppscl":
         sppscl = base.sppscl.model_copy(update={"cache_dir": base.sppscl.cache_dir or storage.join(sweep_uri(cfg), "feature_cache")})
         base = base.model_copy(update={"sppscl": sppscl})
@@ -118,7 +126,8 @@ def prepare_base(cfg: TuneConfig) -> TrainConfig:
 
 def preset_bases(cfg: TuneConfig, base: TrainConfig) -> dict[str, dict[str, Any]]:
     """Each swept preset's trial config, on the base's resolved data and sweep folder."""
-    shared = {"out": base.out, "manifest": base.manifest, "captions": base.captions}
+    shared = {"out": base.out, "manifest": base.manifest, "captions": base.captions,
+              "caption_fingerprint": base.caption_fingerprint}
     return {preset: cfg.base_train_config(preset).model_copy(update=shared).model_dump(mode="json")
             for preset in cfg.swept_presets()}
 
@@ -187,29 +196,44 @@ def build_tuner(cfg: TuneConfig, base: TrainConfig, resume: bool = False):
         search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=concurrency)
     else:
         search_alg = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
+    return make_tuner(
+        trainable, param_space={key: dist.to_tune() for key, dist in space.items()}, name=cfg.name, out=cfg.out,
+        storage_kw=_storage_kw(cfg), metric=metric, scheduler=scheduler, search_alg=search_alg,
+        num_samples=cfg.search.num_samples, max_failures=cfg.trial_max_failures,
+        callbacks=[trial_progress_callback(cfg.model, list(space), metric, grid_size(space) * cfg.search.num_samples)],
+    )
+
+
+def make_tuner(trainable, *, param_space: dict[str, Any], name: str, out: str, storage_kw: dict[str, Any],
+               metric: str, scheduler, search_alg, num_samples: int, max_failures: int, callbacks: list):
+    """The ``Tuner`` of a sweep or an experiment: Tune's state at ``<out>/<name>``, failed trials retried
+    ``max_failures`` times, one log line per trial event (the callbacks) instead of Tune's table."""
+    import ray.tune
+
+    fs, path = storage.resolve(out, **storage_kw)
     return ray.tune.Tuner(
         trainable,
-        param_space={key: dist.to_tune() for key, dist in space.items()},
-        tune_config=ray.tune.TuneConfig(
-            metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
-            num_samples=cfg.search.num_samples,
-        ),
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=num_samples),
         run_config=ray.tune.RunConfig(
-            name=cfg.name,
+            name=name,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
+            failure_config=ray.tune.FailureConfig(max_failures=max_failures),
             # Tune's periodic status table would repeat every trial every half minute; one line per
             # trial event reads better (and the dashboard's Tune view has the table).
             verbose=0,
-            callbacks=[trial_progress_callback(cfg.model, list(space), metric,
-                                               grid_size(space) * cfg.search.num_samples)],
+            callbacks=callbacks,
         ),
     )
 
 
-def trial_progress_callback(model: str, keys: list[str], metric: str, total: int | None):
-    """A Tune callback logging one line when a trial starts, reports an epoch, and ends."""
+def trial_progress_callback(model: str, keys: list[str], metric: str, total: int | None, *, noun: str = "trial",
+                            name_of=None, end_note=None):
+    """A Tune callback logging one line when a trial starts, reports an epoch, and ends (with the count
+    done and an ETA). ``name_of(trial)`` names a trial (default: its id and swept values);
+    ``end_note(trial)`` adds to its end line (an experiment's cell: its test figures)."""
     import time
 
     from ray.tune import Callback
@@ -220,6 +244,8 @@ def trial_progress_callback(model: str, keys: list[str], metric: str, total: int
             self.finished = 0
 
         def _name(self, trial) -> str:
+            if name_of is not None:
+                return name_of(trial)
             params = ", ".join(f"{short_name(model, k)}={trial.config.get(k)}" for k in keys)
             return f"trial {trial.trial_id} ({params})"
 
@@ -238,8 +264,12 @@ def trial_progress_callback(model: str, keys: list[str], metric: str, total: int
             eta = ""
             if total and self.finished < total:
                 eta = f", ETA {elapsed / self.finished * (total - self.finished):.0f}s"
-            log.info("%s %s; %d/%s trials done in %.0fs%s", self._name(trial), how, self.finished,
-                     total or "?", elapsed, eta)
+            note = ""
+            if end_note is not None:
+                with contextlib.suppress(Exception):  # a note must never break the run
+                    note = end_note(trial) or ""
+            log.info("%s %s%s; %d/%s %ss done in %.0fs%s", self._name(trial), how, note, self.finished,
+                     total or "?", noun, elapsed, eta)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # Finished its epochs, or stopped by ASHA after this one: results.md says which.
@@ -272,7 +302,7 @@ def evaluate_best_on_test(cfg: TrainConfig) -> dict[str, Any] | None:
     """Test metrics of a run's best model (for trials ASHA stopped before their own test pass)."""
     import torch
 
-    from umaf.train.loop import evaluate
+    from umaf.train.loop import EvalSplits, split_table
     from umaf.train.method import get_method
     from umaf.train.metrics import classification_metrics
     from umaf.train.run import prepare_datasets
@@ -285,8 +315,10 @@ def evaluate_best_on_test(cfg: TrainConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     model = method.build_model(cfg, len(data["label_names"]))
     load_best(cfg.out, model, **kw)
-    pred = evaluate(method, model, data["datasets"]["test"].iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"),
-                    torch.device("cpu"), contextlib.nullcontext)
+    # The run's reported evaluation protocol (cfg.eval.protocol), as its own test pass would have used.
+    tables = {split: split_table(data["refs"][split]) for split in ("train", "dev", "test")}
+    splits = EvalSplits(method, cfg, {"source_positions": data["source_positions"], "context": data["context"]}, tables)
+    pred = splits.evaluate(model, "test", cfg.eval.protocol, torch.device("cpu"), contextlib.nullcontext)
     return classification_metrics(pred["label"], pred["pred"], data["label_names"])
 
 
@@ -335,7 +367,8 @@ def results_rows(cfg: TuneConfig, base: TrainConfig, grid) -> list[dict[str, Any
             params = {key: (result.config or {}).get(key) for key in space}
             test = evaluate_best_on_test(trial_train_config(base.model_dump(mode="json"), params, run_uri,
                                                             preset_bases(cfg, base)))
-        for name in ("accuracy", "macro_f1", "weighted_f1"):
+        # f1_of_weighted_pr: the UMAF paper's F1 (harmonic mean of weighted P and R), beside sklearn's F1s.
+        for name in ("accuracy", "macro_f1", "weighted_f1", "f1_of_weighted_pr"):
             row[f"test_{name}"] = float(test[name]) if test and name in test else None
         rows.append(row)
     rows.sort(key=lambda r: (r[f"best_{dev_key}"] is None, -(r[f"best_{dev_key}"] or 0.0)))
@@ -446,6 +479,14 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
     several Ray clusters share a machine (CI, a laptop with a test cluster up), and then the
     placement group of every trial ASHA stops leaks and starves the next trials.
     """
+    resume = resume or cfg.resume
+    check_sweep_locations(cfg, resume)  # before Ray starts
+    return run_tune_driver(cfg.ray, cfg.worker_start_timeout_s, _run_sweep_here, cfg, resume)
+
+
+def run_tune_driver(ray_cfg, worker_start_timeout_s: float, fn, *args):
+    """Join or start Ray and run ``fn(*args)`` (the Tune driver) as a task pinned to this node, whose
+    environment names this cluster and the trials' worker-start timeout (see :func:`run_sweep`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -453,18 +494,24 @@ def run_sweep(cfg: TuneConfig, resume: bool = False) -> dict[str, Any]:
 
     # Trial workers that cannot be placed fail after worker_start_timeout_s (no endless wait), and
     # the dashboard stays on: Train inside Tune needs it.
-    resume = resume or cfg.resume
-    check_sweep_locations(cfg, resume)  # before Ray starts
-    with ray_connection(cfg.ray, {WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}, dashboard=True):
+    timeout = str(int(worker_start_timeout_s))
+    with ray_connection(ray_cfg, {WORKER_START_TIMEOUT_ENV: timeout}, dashboard=True):
         context = ray.get_runtime_context()
-        driver = ray.remote(num_cpus=0, max_retries=0)(_run_sweep_here).options(
+        driver = ray.remote(num_cpus=0, max_retries=0)(fn).options(
             # Trials inherit these, also when this driver joined a running cluster (pipeline, tests).
-            runtime_env={"env_vars": {"RAY_ADDRESS": context.gcs_address,
-                                      WORKER_START_TIMEOUT_ENV: str(int(cfg.worker_start_timeout_s))}},
-            # The sweep folder may be a local path of this node.
+            runtime_env=trial_runtime_env(worker_start_timeout_s, context.gcs_address),
+            # The output folder may be a local path of this node.
             scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
         )
-        return ray.get(driver.remote(cfg, resume))
+        return ray.get(driver.remote(*args))
+
+
+def trial_runtime_env(worker_start_timeout_s: float, gcs_address: str) -> dict[str, Any]:
+    """The Tune driver task's runtime env, which its trials and their Train runs (sweep or experiment
+    cells) inherit."""
+    from umaf.raycluster import checked_runtime_env
+
+    return checked_runtime_env({"RAY_ADDRESS": gcs_address, WORKER_START_TIMEOUT_ENV: str(int(worker_start_timeout_s))})
 
 
 def _run_sweep_here(cfg: TuneConfig, resume: bool) -> dict[str, Any]:
