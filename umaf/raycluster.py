@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,13 +21,21 @@ from umaf.config import RayConfig
 
 log = logging.getLogger("umaf")
 
-# The driver's storage and hub settings follow the job to its Ray processes (Train controller and
-# workers write checkpoints to s3://, data tasks read images), as `ray job submit --runtime-env-json`
-# would pass them. Credentials are not among them (see storage.FORWARDED_ENV_VARS).
-PROPAGATED_ENV = (
-    *storage.FORWARDED_ENV_VARS, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "UMAF_ENCODER_CACHE",
-    "RAY_AUTH_MODE",
-)
+# The driver's storage settings follow the job to its Ray processes (Train controller and workers
+# write checkpoints to s3://, data tasks read images), as `ray job submit --runtime-env-json` would
+# pass them: where the store is, never who you are (see storage.FORWARDED_ENV_VARS). Hub and cache
+# settings (HF_HUB_OFFLINE, HF_HOME, ...) stay on the driver's machine: each node has its own disk
+# and its own access to the hub, and HF_HUB_OFFLINE set on a laptop would stop every engine on the
+# cluster from fetching its model. A user who wants one forwarded says so: ray.forward_env.
+PROPAGATED_ENV = (*storage.FORWARDED_ENV_VARS, "RAY_AUTH_MODE")
+# Names that hold credentials, or look like they do: never in a runtime env (the dashboard shows
+# runtime envs to anyone who can open it), whoever asks. Nodes get credentials from their own chain.
+SECRET_ENV_NAMES = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "WANDB_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "AZURE_CLIENT_SECRET",
+})
+_SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|API_KEY|PRIVATE_KEY|ACCESS_KEY)(_|$)")
 # What Ray processes of a umaf job always get. Their log lines all reach the driver's console (and
 # `ray job logs`): libraries' redrawn progress bars and Ray Data's per-execution lines from inside
 # Train workers (every epoch's dev pass) would bury the run's story there. The driver keeps Ray
@@ -35,14 +44,47 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARN
              "TQDM_DISABLE": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
-def job_env_vars(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable name holds, or names like, a credential."""
+    upper = name.upper()
+    return upper in SECRET_ENV_NAMES or bool(_SECRET_NAME.search(upper))
+
+
+def secrets_in(env: Mapping[str, str]) -> list[str]:
+    """The entries of ``env`` that would leak a credential: a secret-looking name, or the value of
+    one of this process's secret-looking variables under another name."""
+    secret_values = {v for k, v in os.environ.items() if v and len(v) >= 6 and looks_secret(k)}
+    return sorted(k for k, v in env.items() if looks_secret(k) or (v and v in secret_values))
+
+
+def checked_runtime_env(env_vars: Mapping[str, str] | None, **fields: Any) -> dict[str, Any]:
+    """A runtime env (``{"env_vars": ..., **fields}``) for a Ray process of a umaf job, refused when it
+    would carry a credential. Every runtime env the jobs build goes through here (the driver's
+    ``ray.init``, Train workers, Tune trials, caption/predict tasks and actors), so one test
+    (tests/test_runtime_env_secrets.py) covers them all."""
+    env = dict(env_vars or {})
+    leaked = secrets_in(env)
+    if leaked:
+        raise ValueError(f"refusing to put {', '.join(leaked)} in a Ray runtime env (the dashboard shows it to "
+                         "anyone): nodes take credentials from their own AWS chain (instance role, IRSA)")
+    return {"env_vars": env, **fields} if env else dict(fields)
+
+
+def job_env_vars(extra: Mapping[str, str] | None = None, forward: Sequence[str] = ()) -> dict[str, str]:
     """The driver's settings for its Ray processes, less those a submitted job's runtime env already
     sets: under ``ray job submit`` those reach every process anyway, and ``ray.init`` refuses a
-    runtime env that names the same environment variable as the job's ("Failed to merge")."""
+    runtime env that names the same environment variable as the job's ("Failed to merge").
+    ``forward`` names more of the driver's variables to pass on (``ray.forward_env``)."""
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {} if job_config else {}
-    env = {**QUIET_ENV, **{k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}, **(extra or {})}
+    names = (*PROPAGATED_ENV, *forward)
+    env = {**QUIET_ENV, **{k: os.environ[k] for k in names if os.environ.get(k)}, **(extra or {})}
     return {k: v for k, v in env.items() if k not in job_env}
+
+
+def driver_runtime_env(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The runtime env of the job's ``ray.init``: what every Ray process of the job inherits."""
+    return checked_runtime_env(job_env_vars(extra_env, ray_cfg.forward_env))
 
 
 def cluster_address(ray_cfg: RayConfig) -> str | None:
@@ -65,7 +107,7 @@ def connect_ray(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
         os.environ.setdefault(key, value)  # this driver's own Train controllers read them too
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": job_env_vars(extra_env)}, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": driver_runtime_env(ray_cfg, extra_env), "log_to_driver": True}
     address = cluster_address(ray_cfg)
     if address:
         context = ray.init(address=address, **kwargs)

@@ -30,7 +30,11 @@ REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 # What a driver forwards to the Ray processes that read and write its data: where the store is,
 # never who you are. Credentials stay with each node's own AWS chain (instance role, IRSA, its
 # environment): in a runtime env they would be shown to anyone who opens the Ray dashboard.
-FORWARDED_ENV_VARS = (*ENDPOINT_ENV_VARS, *REGION_ENV_VARS, "AWS_PROFILE")
+# AWS_PROFILE is not forwarded either: it names a section of the driver machine's ~/.aws files,
+# which other nodes do not have; there botocore and pyarrow fail on the unknown profile ("The
+# config profile (lab) could not be found") instead of using the node's instance role. Forward it
+# on purpose (ray.forward_env=[AWS_PROFILE]) only where every node has that profile.
+FORWARDED_ENV_VARS = (*ENDPOINT_ENV_VARS, *REGION_ENV_VARS)
 S3_MAX_ATTEMPTS = 5
 S3_CONNECT_TIMEOUT_S = 5.0
 
