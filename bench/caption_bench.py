@@ -40,6 +40,7 @@ def plain_loop(config: CaptionConfig, manifest_uri: str) -> dict:
     rows, statuses = table.to_pylist(), []
     start = time.perf_counter()
     bs = config.actors.batch_size
+    first_batch_done = None
     for i in range(0, len(rows), bs):
         chunk = rows[i:i + bs]
         loaded = [load_image(r["image"], max_side=config.images.max_side, max_bytes=config.images.max_bytes,
@@ -49,9 +50,28 @@ def plain_loop(config: CaptionConfig, manifest_uri: str) -> dict:
         for r, x, g in zip(chunk, loaded, gens):
             statuses.append(caption_row(r["id"], model=backend.model_name, sampling_json="{}",
                                         image_sha256=x.sha256, generation=g)["status"])
+        if first_batch_done is None:
+            first_batch_done = time.perf_counter()
     seconds = time.perf_counter() - start
+    after_first = time.perf_counter() - first_batch_done
+    steady = (len(rows) - min(bs, len(rows))) / after_first if len(rows) > bs and after_first > 0 else None
     return {"images": len(rows), "seconds": round(seconds, 2), "model_load_s": round(load_s, 2),
-            "images_per_s": round(len(rows) / seconds, 2), "ok": statuses.count("ok")}
+            "images_per_s": round(len(rows) / seconds, 2), "ok": statuses.count("ok"),
+            # steady: after the first (warm-up) batch; end to end: model load included, as a user pays it
+            "steady_images_per_s": round(steady, 2) if steady else None,
+            "end_to_end_images_per_s": round(len(rows) / (seconds + load_s), 2)}
+
+
+def pipeline_steady_rate(captions_uri: str, batch_size: int) -> float | None:
+    """Images/s of a finished caption run after its first batch, from the rows' own ``captioned_at``
+    (the first batch pays actor start and model load; the rest is the steady state)."""
+    from umaf.caption.store import read_captions
+
+    times = sorted(t.timestamp() for t in read_captions(captions_uri)["captioned_at"].to_pylist() if t is not None)
+    if len(times) <= batch_size:
+        return None
+    first, last = times[batch_size - 1], times[-1]
+    return (len(times) - batch_size) / (last - first) if last > first else None
 
 
 def ray_pipeline(config: CaptionConfig, num_cpus: int) -> dict:

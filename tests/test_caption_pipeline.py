@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from conftest import wait_for_killed_driver_job
+from conftest import worker_log_lines, wait_for_killed_driver_job
 from umaf import storage
 from umaf.caption.prompt import PROMPT_VERSION
 from umaf.caption.store import read_captions, read_ok_captions
@@ -71,31 +71,61 @@ def assert_each_id_once(out: str, expected_ids: list[str]) -> None:
     assert sorted(ids) == sorted(expected_ids), "every input id exactly once"
 
 
-def test_demo_set_local_folder_then_second_run_does_no_work(ray_cluster, tmp_path, tiny_vlm_cache):
+def test_demo_set_local_folder_then_second_run_does_no_work(ray_cluster, ray_head_cluster, tmp_path, tiny_vlm_cache):
     demo = write_demo(str(tmp_path / "demo"), n_train=10, n_dev=4, n_test=4)
     ids = read_manifest(demo["manifest"]).table["id"].to_pylist()
     out = str(tmp_path / "captions")
 
-    # splits then limit: the first 3 dev/test pairs in manifest order, nothing else.
+    # A pilot: 3 pairs drawn from the selection (splits, then limit: the first 5 dev/test pairs in
+    # manifest order) captioned for real, then the plan with their measured output tokens.
     splits = read_manifest(demo["manifest"]).table["split"].to_pylist()
-    first = [i for i, s in zip(ids, splits) if s != "train"][:3]
-    some = caption(["--manifest", demo["manifest"], "--out", out, "splits=[dev,test]", "limit=3"], tiny_vlm_cache)
-    assert some["selected"] == 3 and some["this_run"] == {"ok": 3, "invalid": 0, "error": 0}
-    assert_each_id_once(out, first)
+    first = [i for i, s in zip(ids, splits) if s != "train"][:5]
+    plan = caption(["--pilot", "3", "--manifest", demo["manifest"], "--out", out, "splits=[dev,test]", "limit=5"],
+                   tiny_vlm_cache)
+    piloted = read_captions(out)
+    assert len(piloted) == 3 and set(piloted["id"].to_pylist()) <= set(first)
+    assert plan["pairs"]["already_captioned"] == 3 and plan["pairs"]["to_caption"] == 2
+    tokens = piloted["output_tokens"].to_pylist()
+    assert plan["output_tokens"]["per_pair"] == round(sum(tokens) / 3, 1) and plan["output_tokens"]["source"].startswith("pilot")
 
-    summary = caption(["--manifest", demo["manifest"], "--out", out], tiny_vlm_cache)
-    assert summary["skipped"] == 3 and summary["this_run"] == {"ok": len(ids) - 3, "invalid": 0, "error": 0}
-    assert_each_id_once(out, ids)
+    # The full run, on the dataset re-prepared: every pair, plus the 3 piloted pairs again under new
+    # ids (their requests, same image bytes, text and fingerprint, were captioned by the pilot) and the
+    # first pair twice in this run. Neither kind is generated: each copies its twin's row.
+    manifest = read_manifest(demo["manifest"])
+    rows = manifest.table.to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    piloted_ids = piloted["id"].to_pylist()
+    rows += [{**by_id[i], "id": f"re-{i}"} for i in piloted_ids] + [{**rows[0], "id": "twin"}]
+    manifest2 = str(tmp_path / "manifest2")
+    write_manifest(build_table(rows, manifest.dataset, manifest.labels), manifest2)
+    ids2 = [r["id"] for r in rows]
+    summary = caption(["--manifest", manifest2, "--out", out], tiny_vlm_cache)
+    assert summary["skipped"] == 3 and summary["this_run"] == {"ok": len(ids2) - 3, "invalid": 0, "error": 0}
+    assert summary["reused"] == 4
+    assert_each_id_once(out, ids2)
     table = read_captions(out)
     assert set(table["status"].to_pylist()) == {"ok"}
     assert set(table["prompt_version"].to_pylist()) == {PROMPT_VERSION}
     assert all(n and n > 0 for n in table["output_tokens"].to_pylist())
     assert all(len(h) == 64 for h in table["image_sha256"].to_pylist())
-    assert storage.read_json(storage.join(out, "_summary.json"))["dataset_status"]["ok"] == len(ids)
+    assert storage.read_json(storage.join(out, "_summary.json"))["dataset_status"]["ok"] == len(ids2)
+    rows_by_id = {r["id"]: r for r in table.to_pylist()}
+    for i in piloted_ids:
+        assert rows_by_id[f"re-{i}"]["reused_from"] == i and rows_by_id[f"re-{i}"]["raw"] == rows_by_id[i]["raw"]
+    copy, original = ("twin", ids[0]) if rows_by_id["twin"]["reused_from"] else (ids[0], "twin")
+    assert rows_by_id[copy]["reused_from"] == original and rows_by_id[original]["reused_from"] is None
+    assert rows_by_id[copy]["raw"] == rows_by_id[original]["raw"]
+    report = storage.read_text(storage.join(out, "_reports", summary["fingerprint"], "report.md"))
+    assert f"{len(ids2)} pairs" in report and "4 ok rows copied" in report
+    # The VLM actor's load line (model, device, seconds) reaches its worker log: tests/test_gpu.py
+    # reads the same line to prove a GPU run's actor was on CUDA.
+    loaded = worker_log_lines(ray_head_cluster, "[caption stage=vlm")
+    assert any("actor loaded umaf-tiny-llava" in line and line.split(" on ")[-1].startswith("cpu in ")
+               for line in loaded), loaded[-3:]
 
     files = parquet_files(out)
-    again = caption(["--manifest", demo["manifest"], "--out", out], tiny_vlm_cache)
-    assert again["skipped"] == len(ids) and again["captioned"] == 0
+    again = caption(["--manifest", manifest2, "--out", out], tiny_vlm_cache)
+    assert again["skipped"] == len(ids2) and again["captioned"] == 0
     assert parquet_files(out) == files, "a second run must write nothing"
 
 

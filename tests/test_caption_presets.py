@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,6 +40,8 @@ def test_paper_qwen_is_fit_for_a_cluster():
     engine = vllm_engine_kwargs(config)
     assert engine["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert engine["enable_prefix_caching"] is True
+    assert engine["dtype"] == "bfloat16" and config.precision == "bf16"  # the precision setting reaches vLLM
+    assert vllm_engine_kwargs(config.model_copy(update={"precision": "fp32"}))["dtype"] == "float32"
     # One resize: the CPU stage's budget and grid are the model's, so vLLM's processor keeps the size.
     assert config.images.max_area == config.vllm.max_pixels and config.images.multiple_of == 28
     # Replicas only on caption nodes: the resource they ask for is the one the caption node types offer.
@@ -109,10 +110,9 @@ def test_writer_writes_every_n_rows_and_on_a_timer(tmp_path):
     with CaptionWriter(out, rows_per_file=4, flush_seconds=0.5, attempts=1, storage_kw={}) as writer:
         writer.add(_rows(10))
         assert len(read_captions(out)) == 8, "two full files at once, the rest buffered"
-        deadline = time.time() + 30
-        while time.time() < deadline and len(read_captions(out)) < 10:  # the timer writes the last 2
-            time.sleep(0.1)
-        assert len(read_captions(out)) == 10
+        # The timer writes the last 2 (oldest row waited 0.5 s; the timer looks every second).
+        assert writer.wait_until(lambda w: w.rows_written == 10, timeout=30), "the timer never flushed"
+        assert len(read_captions(out)) == 10 and len(writer.files) == 3
         writer.add(_rows(1, start=10))
     assert sorted(read_captions(out)["id"].to_pylist()) == sorted(f"id-{i}" for i in range(11))
     assert len(writer.files) == 4
@@ -137,5 +137,6 @@ def test_writer_reports_a_timer_write_still_failing_when_the_stream_ends(tmp_pat
     with pytest.raises(CaptionWriteError, match=r"cannot write 1 captions to .* after 2 attempts"):
         with writer:
             writer.add(_rows(1))
-            time.sleep(1.5)  # the timer (1 s tick) has taken the row and is waiting to retry
+            # The timer (1 s tick) has taken the row, failed once and is waiting 6 s to retry.
+            assert writer.wait_until(lambda w: w.failed_attempts >= 1, timeout=30)
             assert writer._buffered == 0, "the timer's write is in flight"

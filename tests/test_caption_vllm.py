@@ -1,7 +1,8 @@
 """The ``vllm`` backend end to end, with only vLLM itself replaced by a CPU fake.
 
-The caption job runs as ``python jobs/caption.py --backend vllm`` against a Ray cluster of its own
-(logical GPUs, the ``caption_node`` resource of ``cluster/aws.yaml``), whose nodes import
+The caption job runs as ``python jobs/caption.py --backend vllm`` against cluster/aws.yaml's node
+types under Ray's fake autoscaler (a head without GPUs; caption nodes with one logical GPU and the
+``caption_node`` resource, started when the replicas ask for them), whose nodes import
 ``tests/fake_vllm`` as ``vllm``. Everything else is real: ``ray.data.llm``'s processor as the job
 builds it (all five stage UDFs, ray's ``vLLMEngineWrapper`` and its error handling,
 ``wrap_preprocess``/``wrap_postprocess``), the Ray Data plan, the driver's writer, and S3 (a moto
@@ -26,16 +27,41 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from ray_head import free_port, job_runtime_env_vars, start_head, wait_for_driver
+from ray_head import free_port, job_runtime_env_vars, wait_for_driver
 from umaf import storage
 from umaf.caption.store import read_captions, read_ok_captions
 from umaf.data.manifest import build_table, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm"
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 LONG_TEXT = " ".join(f"word{i}" for i in range(500))  # ~3.3k tokens: past max_model_len=1800, within 8192
+# Chat templates raise on input they cannot render (Llama 2's and Mistral's on roles out of order, Gemma's
+# on a system turn) through transformers' raise_exception. The test model's template raises on this.
+TEMPLATE_BREAKER = "UNSUPPORTED-MARKUP"
+
+
+def model_in_bucket(moto: Moto, bucket: str, tiny_vlm_cache: str, tmp_path: Path) -> str:
+    """The tiny VLM, with a chat template that refuses TEMPLATE_BREAKER, copied to the bucket by
+    jobs/upload_model.py: the job loads it from s3:// (ray.data.llm downloads it on each node)."""
+    import shutil
+
+    from conftest import job_main
+    from umaf.caption.tiny_vlm import ensure_tiny_vlm
+
+    folder = tmp_path / "tiny-strict-template"
+    shutil.copytree(ensure_tiny_vlm(tiny_vlm_cache), folder)
+    template = (folder / "chat_template.jinja").read_text()
+    guard = ("{% for message in messages %}{% if '" + TEMPLATE_BREAKER + "' in (message['content'] | string) %}"
+             "{{ raise_exception('this template cannot render " + TEMPLATE_BREAKER + "') }}{% endif %}{% endfor %}")
+    (folder / "chat_template.jinja").write_text(guard + template)
+    uri = f"{bucket}/models/tiny-strict-template"
+    summary = job_main("upload_model")(["--model", str(folder), "--out", uri, f"storage.endpoint_url={moto.endpoint}",
+                                        "storage.region=us-east-1"])
+    assert summary["copied"] == summary["files"] > 0
+    again = job_main("upload_model")(["--model", str(folder), "--out", uri, f"storage.endpoint_url={moto.endpoint}"])
+    assert again["copied"] == 0 and again["skipped"] == summary["files"], "a rerun copies nothing twice"
+    return uri
 
 
 class Moto:
@@ -84,18 +110,11 @@ def moto(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head with 2 logical GPUs, caption_node=2, the fake vllm first on every worker's path."""
-    record = tmp_path_factory.mktemp("engines")
-    env = {"PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "FAKE_VLLM_RECORD_DIR": str(record), "FAKE_VLLM_SECONDS_PER_REQUEST": "1.0",
-           "RAY_metrics_report_interval_ms": "500"}
-    head = start_head(num_cpus=8, num_gpus=2, resources={"caption_node": 2}, object_store_mb=300, env=env)
-    head.record_dir = record
-    try:
-        yield head
-    finally:
-        head.shutdown()
+def cluster(fake_aws_cluster):
+    """cluster/aws.yaml's node types under Ray's fake autoscaler (conftest.fake_aws_cluster): a head
+    without GPUs, caption nodes (1 logical GPU, caption_node=1) started for the replicas, the fake
+    vllm first on every node's path."""
+    return fake_aws_cluster
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +134,9 @@ def jpeg_bytes(size, color=(200, 30, 30)) -> bytes:
 
 def make_manifest(moto: Moto, bucket: str, prefix: str, shared_data: Path, n_msed: int, extra: bool) -> list[str]:
     """MSED dev pairs 1..n_msed (images copied to S3), plus, with ``extra``: a missing image, a 1344x5
-    banner (Qwen2-VL rejects ratios above 200), a 3x2 speck and a text too long for the engine."""
+    banner (Qwen2-VL rejects ratios above 200), a 3x2 speck, a text too long for the engine, a text
+    the model's chat template refuses (a CPU stage of ray.data.llm raises on it) and a twin of pair 1
+    (its bytes under another key, its text)."""
     folder = shared_data / "msed" / "dev"
     with open(folder / "dev.csv", newline="", encoding="utf-8") as fh:
         records = list(csv.DictReader(fh))[:n_msed]
@@ -129,12 +150,17 @@ def make_manifest(moto: Moto, bucket: str, prefix: str, shared_data: Path, n_mse
         rows.append({"id": f"msed-{k}", "text": rec["Caption"], "image": f"{bucket}/{key}",
                      "label": labels["sentiment"].index(rec["Sentiment"])})
     if extra:
-        for pair_id, size in (("banner", (1344, 5)), ("speck", (3, 2)), ("long-text", (64, 48))):
+        texts = {"long-text": LONG_TEXT, "template-breaker": f"see {TEMPLATE_BREAKER} here"}
+        for pair_id, size in (("banner", (1344, 5)), ("speck", (3, 2)), ("long-text", (64, 48)),
+                              ("template-breaker", (64, 48))):
             key = f"{prefix}/images/{pair_id}.jpg"
             s3.put_object(Bucket=name, Key=key, Body=jpeg_bytes(size))
-            rows.append({"id": pair_id, "text": LONG_TEXT if pair_id == "long-text" else "look at this",
-                         "image": f"{bucket}/{key}", "label": 1})
+            rows.append({"id": pair_id, "text": texts.get(pair_id, "look at this"), "image": f"{bucket}/{key}", "label": 1})
         rows.append({"id": "missing", "text": "gone", "image": f"{bucket}/{prefix}/images/missing.jpg", "label": 0})
+        # The first pair again under another id and another key (same bytes, same text): captioned once.
+        key = f"{prefix}/images/twin.jpg"
+        s3.put_object(Bucket=name, Key=key, Body=(folder / "images" / "1.jpg").read_bytes())
+        rows.append({**rows[0], "id": "twin", "image": f"{bucket}/{key}"})
     table = build_table([{"id": r["id"], "split": "dev", "text": r["text"], "image": r["image"], "image_ok": True,
                           "label_sentiment": r["label"]} for r in rows], "msed", labels)
     write_manifest(table, f"{bucket}/{prefix}/manifest", endpoint_url=moto.endpoint)
@@ -205,11 +231,13 @@ def raw_ids(out: str, moto: Moto) -> list[str]:
 
 def test_vllm_path_error_rows_retry_single_read_fixed_pool(cluster, moto, bucket, shared_data, tiny_vlm_cache,
                                                           tmp_path):
-    from umaf.caption.tiny_vlm import ensure_tiny_vlm
-
-    model = str(ensure_tiny_vlm(tiny_vlm_cache))
+    model = model_in_bucket(moto, bucket, tiny_vlm_cache, tmp_path)
     ids = make_manifest(moto, bucket, "errors", shared_data, n_msed=6, extra=True)
     manifest, out = f"{bucket}/errors/manifest", f"{bucket}/errors/captions"
+    # The cluster starts from its head alone: no node can host a replica until the autoscaler adds one.
+    wait_for_nodes_of(cluster, "caption_node", 0)
+    for old in cluster.record_dir.glob("engine-*.json"):
+        old.unlink()
     metrics = MetricsWatcher(cluster)
     metrics.start()
     summary = run_job(cluster, job_args(model, manifest, out, moto), tmp_path / "run1.log")
@@ -221,11 +249,24 @@ def test_vllm_path_error_rows_retry_single_read_fixed_pool(cluster, moto, bucket
     assert by_id["missing"]["status"] == "error" and by_id["missing"]["error"].startswith("image not found:")
     assert by_id["long-text"]["status"] == "error"
     assert by_id["long-text"]["error"].startswith("inference failed: ValueError: The decoder prompt (length ")
+    # The row ray's chat-template stage cannot render is an error row naming the stage; its batch-mates
+    # are captioned (the stage redid the batch row by row), and the job goes on.
+    assert by_id["template-breaker"]["status"] == "error"
+    assert by_id["template-breaker"]["error"].startswith("inference failed: ChatTemplate: "), by_id["template-breaker"]
+    assert "cannot render" in by_id["template-breaker"]["error"]
     # Padded before the engine: the banner and the speck are captioned, not rejected by smart_resize.
     for pair_id in ("banner", "speck", *[i for i in ids if i.startswith("msed-")]):
         assert by_id[pair_id]["status"] == "ok", by_id[pair_id]
         assert json.loads(by_id[pair_id]["raw"])["textimage_relation"] == "consistent"
-    assert summary["this_run"] == {"ok": len(ids) - 2, "invalid": 0, "error": 2}
+    assert summary["this_run"] == {"ok": len(ids) - 3, "invalid": 0, "error": 3}
+    # The twin's request is pair 1's: whichever claimed it first was captioned, the other copied from its
+    # row and never sent to the engine.
+    copy, original = ("twin", "msed-1") if by_id["twin"]["reused_from"] else ("msed-1", "twin")
+    assert summary["reused"] == 1 and by_id[copy]["reused_from"] == original and by_id[original]["reused_from"] is None
+    assert by_id[copy]["raw"] == by_id[original]["raw"] and by_id[copy]["request_key"] == by_id[original]["request_key"]
+    assert len({r["fingerprint"] for r in by_id.values()}) == 1 and by_id["msed-1"]["fingerprint"] == summary["fingerprint"]
+    # The weights came from the bucket (ray.data.llm's download on the caption nodes), not a hub.
+    assert moto.gets("/models/tiny-strict-template/model.safetensors") >= 1
 
     # Each image read from S3 exactly once (moto's request log), though the plan has an error branch.
     for pair_id in [i for i in ids if i != "missing"]:
@@ -236,13 +277,20 @@ def test_vllm_path_error_rows_retry_single_read_fixed_pool(cluster, moto, bucket
     engines = [json.loads(p.read_text()) for p in cluster.record_dir.glob("engine-*.json")]
     assert len({e["pid"] for e in engines}) == 2
     assert all(e["kwargs"]["limit_mm_per_prompt"] == {"image": 1, "video": 0} for e in engines)
+    # Placement: each replica reserved a caption_node (vllm.replica_resources), so the autoscaler started
+    # caption nodes for them, and each ran on its own caption node, never on the head.
+    assert all(e["resources"].get("caption_node") == 1 and e["resources"].get("GPU") == 1 for e in engines), engines
+    kinds = node_kinds(cluster)
+    assert sorted(kinds[e["node_id"]] for e in engines) == ["caption_node", "caption_node"], (engines, kinds)
+    assert len({e["node_id"] for e in engines}) == 2
 
     # The umaf_caption_* metrics reach the cluster's Prometheus endpoint (recorded by the driver's writer)
     # with the values the job wrote: captions by status, and the tokens the engine generated.
     expected = {
-        'ray_umaf_caption_captions{status="ok"}': len(ids) - 2,
-        'ray_umaf_caption_captions{status="error"}': 2,
-        "ray_umaf_caption_output_tokens": sum(t or 0 for t in table["output_tokens"].to_pylist()),
+        'ray_umaf_caption_captions{status="ok"}': len(ids) - 3,
+        'ray_umaf_caption_captions{status="error"}': 3,
+        "ray_umaf_caption_output_tokens": sum(t or 0 for t, r in zip(table["output_tokens"].to_pylist(),
+                                                                      table["reused_from"].to_pylist()) if r is None),
     }
     assert expected["ray_umaf_caption_output_tokens"] > 0
     deadline = time.time() + 60
@@ -252,13 +300,34 @@ def test_vllm_path_error_rows_retry_single_read_fixed_pool(cluster, moto, bucket
     seen = metrics.values()
     assert {k: seen.get(k) for k in expected} == expected, metrics.lines
 
-    # --retry-failed redoes the two error rows; with a context that fits, the long text succeeds.
+    # --retry-failed redoes the three error rows; with a context that fits, the long text succeeds
+    # (the missing image and the text the template refuses fail again, as rows).
     retry = run_job(cluster, job_args(model, manifest, out, moto, "vllm.max_model_len=8192", flags=("--retry-failed",)),
                     tmp_path / "run2.log")
-    assert retry["selected"] - retry["skipped"] == 2
-    assert retry["this_run"] == {"ok": 1, "invalid": 0, "error": 1}
+    assert retry["selected"] - retry["skipped"] == 3
+    assert retry["this_run"] == {"ok": 1, "invalid": 0, "error": 2}
     ok = read_ok_captions(out, endpoint_url=moto.endpoint)
-    assert sorted(ok["id"].to_pylist()) == sorted(i for i in ids if i != "missing")
+    assert sorted(ok["id"].to_pylist()) == sorted(i for i in ids if i not in ("missing", "template-breaker"))
+
+
+def node_kinds(cluster) -> dict[str, str]:
+    """Every node the cluster has had (alive or ended), by the custom resource that marks its type."""
+    nodes = cluster.get("/api/v0/nodes?limit=1000&detail=true")["data"]["result"]["result"]
+    marks = ("caption_node", "train_node")
+    return {n["node_id"]: next((m for m in marks if m in (n.get("resources_total") or {})), "head" if n.get("is_head_node") else "other")
+            for n in nodes}
+
+
+def wait_for_nodes_of(cluster, mark: str, count: int, timeout: float = 120) -> None:
+    """Wait until exactly ``count`` alive nodes offer ``mark`` (idle ones are ended by the autoscaler)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = [n for n in cluster.alive_nodes() if mark in (n.get("resources_total") or {})]
+        if len(alive) == count:
+            return
+        if time.time() > deadline:
+            pytest.fail(f"{len(alive)} alive nodes with {mark} after {timeout:.0f}s, expected {count}")
+        time.sleep(1)
 
 
 def wait_for_rows(out: str, moto: Moto, proc: subprocess.Popen, at_least: int, timeout: float = 400) -> list[str]:

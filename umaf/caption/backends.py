@@ -60,6 +60,7 @@ def caption_row(
     error: str | None = None,
     max_field_chars: int | None = None,
     captioned_at: datetime | None = None,
+    request_key: str | None = None,
 ) -> dict[str, Any]:
     """One row of :data:`umaf.caption.store.CAPTION_SCHEMA`.
 
@@ -70,7 +71,7 @@ def caption_row(
         "id": pair_id, "ocr": None, "visual_scene": None, "textimage_relation": None, "raw": None,
         "status": STATUS_ERROR, "error": error, "model": model, "prompt_version": PROMPT_VERSION,
         "sampling": sampling_json, "image_sha256": image_sha256, "output_tokens": None,
-        "captioned_at": captioned_at or datetime.now(timezone.utc),
+        "captioned_at": captioned_at or datetime.now(timezone.utc), "request_key": request_key,
     }
     if error is not None or generation is None:
         row["error"] = error or "no generation"
@@ -101,6 +102,14 @@ def model_label(config: CaptionConfig) -> str:
     return Path(config.model).name if Path(config.model).exists() else config.model
 
 
+def hub_revision(config: CaptionConfig) -> str | None:
+    """The revision to load a hub model at (the caption job sets the resolved commit); None for a
+    local or ``s3://`` model."""
+    if config.model == TINY_MODEL or "://" in config.model or Path(config.model).exists():
+        return None
+    return config.model_revision
+
+
 # ------------------------------------------------------------------------------------------------
 # hf
 
@@ -119,14 +128,16 @@ class HFBackend:
         device = config.hf.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+        on_gpu_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        dtype = {"auto": on_gpu_dtype if device.startswith("cuda") else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[config.hf.dtype]
         kwargs: dict[str, Any] = {"dtype": dtype}
         if config.hf.attn_implementation:
             kwargs["attn_implementation"] = config.hf.attn_implementation
         self.device = device
-        self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(path)
+        revision = {"revision": rev} if (rev := hub_revision(config)) else {}
+        self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs, **revision).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(path, **revision)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batched generation: pad on the left
         if self.tokenizer.pad_token_id is None:
@@ -204,9 +215,12 @@ def vllm_engine_kwargs(config: CaptionConfig) -> dict[str, Any]:
         # cache from these limits, so an unused modality left at its default wastes GPU memory.
         "limit_mm_per_prompt": {"image": 1, "video": 0},
         "trust_remote_code": False,
+        "dtype": "bfloat16" if config.precision == "bf16" else "float32",  # the job's precision setting
     }
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs
+    if revision := hub_revision(config):  # the commit the caption fingerprint names
+        kwargs["revision"] = revision
     kwargs.update(v.engine_kwargs)
     return kwargs
 
@@ -231,7 +245,8 @@ def vllm_processor_config(config: CaptionConfig):
         raise ValueError("backend=vllm needs a real model (model=Qwen/Qwen2.5-VL-7B-Instruct or a path); "
                          "'tiny' is the hf backend's test model")
     a, v = config.actors, config.vllm
-    cpu_stage = {"enabled": True, "concurrency": (1, v.cpu_stage_actors or a.max_actors)}
+    cpu_stage = {"enabled": True, "concurrency": (1, v.cpu_stage_actors or a.max_actors),
+                 "num_cpus": v.cpu_stage_num_cpus}
     kwargs: dict[str, Any] = dict(
         model_source=config.model,
         engine_kwargs=vllm_engine_kwargs(config),
@@ -249,7 +264,25 @@ def vllm_processor_config(config: CaptionConfig):
             "bundle_per_worker": {"CPU": 1, "GPU": 1, **v.replica_resources}, "strategy": "PACK"}
     if v.accelerator_type:
         kwargs["accelerator_type"] = v.accelerator_type
+    if env := vllm_runtime_env(config):  # (a dict with env_vars, or {} when there is nothing to say)
+        kwargs["runtime_env"] = env
     return vLLMEngineProcessorConfig(**kwargs)
+
+
+def vllm_runtime_env(config: CaptionConfig) -> dict[str, Any]:
+    """The runtime env of ray.data.llm's actors: where the object store is (``storage.endpoint_url``
+    / ``region``, else the driver's AWS_ENDPOINT_URL/AWS_REGION), never credentials. With ``model``
+    an ``s3://`` URI, each actor downloads the model from there (ray's ``download_model_files``, boto3:
+    it reads AWS_ENDPOINT_URL for MinIO and other S3-compatible stores)."""
+    from umaf import storage
+    from umaf.raycluster import checked_runtime_env
+
+    env = storage.forwarded_env()
+    if config.storage.endpoint_url:  # boto3 prefers the _S3 one when both are set: set both
+        env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = config.storage.endpoint_url
+    if config.storage.region:
+        env["AWS_REGION"] = config.storage.region
+    return checked_runtime_env(env)
 
 
 def vllm_sampling_params(config: CaptionConfig) -> dict[str, Any]:
@@ -280,7 +313,7 @@ def vllm_request(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
     """
     if row.get("error") is not None or not row.get("image_jpeg"):
         return {INFERENCE_ERROR: f"image: {row.get('error') or 'no image'}", "id": row["id"],
-                "image_sha256": row.get("image_sha256")}
+                "image_sha256": row.get("image_sha256"), "request_key": row.get("request_key")}
     data_url = "data:image/jpeg;base64," + base64.b64encode(row["image_jpeg"]).decode("ascii")
     return {
         "messages": [
@@ -292,9 +325,13 @@ def vllm_request(row: dict[str, Any], config: CaptionConfig) -> dict[str, Any]:
         "sampling_params": vllm_sampling_params(config),
         "id": row["id"],
         "image_sha256": row["image_sha256"],
+        "request_key": row.get("request_key"),
         # Set on every row so the column has one type ("" = no error); a row without it would read
         # back as None, which ray's stages take for an error.
         INFERENCE_ERROR: "",
+        # ray keeps every input column in the row it hands from stage to stage (wrap_preprocess), so
+        # the JPEG would ride through all five stages to the end; the request above holds it now.
+        "image_jpeg": None,
     }
 
 
@@ -311,7 +348,7 @@ def vllm_output_to_caption(row: dict[str, Any], config: CaptionConfig) -> dict[s
                             truncated=tokens >= config.sampling.max_tokens)
     return caption_row(row["id"], model=model_label(config), sampling_json=config.sampling.as_json(),
                        image_sha256=row.get("image_sha256"), generation=generation,
-                       max_field_chars=config.max_field_chars)
+                       max_field_chars=config.max_field_chars, request_key=row.get("request_key"))
 
 
 def vllm_error_to_caption(row: dict[str, Any], *, model: str, sampling_json: str) -> dict[str, Any]:
@@ -328,7 +365,7 @@ def vllm_error_to_caption(row: dict[str, Any], *, model: str, sampling_json: str
         return {name: row.get(name) for name in CAPTION_ROW_KEYS}
     reason = row.get("error") if error.startswith("image: ") and row.get("error") else f"inference failed: {error}"
     return caption_row(row["id"], model=model, sampling_json=sampling_json,
-                       image_sha256=row.get("image_sha256"), error=reason)
+                       image_sha256=row.get("image_sha256"), error=reason, request_key=row.get("request_key"))
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

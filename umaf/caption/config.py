@@ -30,7 +30,7 @@ class HFConfig(StrictModel):
 
     device: str = Field("auto", description="'auto' (cuda if the actor has a GPU, else cpu), 'cpu', 'cuda'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 on GPU, float32 on CPU"
+        "auto", description="'auto': the job's precision on GPU (bf16 by default), float32 on CPU"
     )
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'")
 
@@ -59,6 +59,10 @@ class VLLMConfig(StrictModel):
         None, ge=1,
         description="max actors of each ray.data.llm CPU stage (multimodal prep, chat template, tokenize, "
         "detokenize); None = actors.max_actors",
+    )
+    cpu_stage_num_cpus: float = Field(
+        1.0, gt=0, description="CPUs each actor of those CPU stages reserves (with cpu_stage_actors: the CPU "
+        "stages' share of the cluster, which should fit on the CPU nodes so they never start GPU nodes)",
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
 
@@ -121,6 +125,32 @@ class OutputConfig(StrictModel):
     )
 
 
+class PlanConfig(StrictModel):
+    """``--plan``: what a run would cost, before it starts (no GPU; see umaf.caption.plan)."""
+
+    enabled: bool = Field(False, description="print the pre-flight plan and exit (--plan)")
+    pilot: int | None = Field(
+        None, ge=1, description="caption this many pairs first (a real run into --out) and plan with their measured "
+        "output tokens instead of the sampling.max_tokens cap (--pilot N)",
+    )
+    device: str | None = Field(
+        None, description="GPU type the throughput is for (L4, A100-80GB, H100, or cpu); None: vllm.accelerator_type, "
+        "else cpu for an hf run without GPUs",
+    )
+    gpus: int | None = Field(None, ge=1, description="GPUs for the wall-time estimate; None: the run's replicas")
+    gpu_hour_price: float | None = Field(None, ge=0, description="price of one GPU-hour, for the cost line")
+    prefill_tokens_per_s: float | None = Field(
+        None, gt=0, description="prompt tokens one GPU processes per second; None: a bench/ figure, else the default"
+    )
+    decode_tokens_per_s: float | None = Field(
+        None, gt=0, description="output tokens one GPU generates per second (full batch); None: as prefill"
+    )
+    header_bytes: int = Field(
+        262_144, ge=1024, description="bytes read from each image for its header (more only if the header is later)"
+    )
+    threads: int = Field(16, ge=1, le=256, description="image headers read at once")
+
+
 class CaptionConfig(StrictModel):
     """``jobs/caption.py``: caption a manifest's pairs with a VLM into a captions dataset."""
 
@@ -132,11 +162,23 @@ class CaptionConfig(StrictModel):
     splits: list[Literal["train", "dev", "test"]] | None = Field(None, description="caption only these splits")
     limit: int | None = Field(None, ge=1, description="caption only the first N selected rows (manifest order)")
     retry_failed: bool = Field(False, description="also redo ids whose caption is 'invalid' or 'error'")
+    reuse_from: list[PathOrUri] = Field(
+        default_factory=list,
+        description="other captions URIs whose captions of identical requests (same image bytes, text and "
+        "fingerprint) are copied instead of generated; --out is always searched",
+    )
     backend: Literal["hf", "vllm"] = "hf"
     model: ModelRef = Field(TINY_MODEL, description="model path or hub id; 'tiny' = a tiny random-weight LLaVA built locally")
+    model_revision: str | None = Field(
+        None, description="hub model: branch, tag or commit (None: main), resolved to a commit that the engine is "
+        "pinned to and the caption fingerprint names",
+    )
     model_cache_dir: PathOrUri = Field("./outputs/cache/models", description="where the 'tiny' model is built")
     max_field_chars: int | None = Field(
         None, ge=1, description="maxLength of each JSON field, enforced while decoding (bounds cost and truncation)"
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="the VLM's compute dtype on GPUs (hf.dtype=auto, and vLLM's dtype); CPUs use fp32"
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     hf: HFConfig = Field(default_factory=HFConfig)
@@ -144,6 +186,10 @@ class CaptionConfig(StrictModel):
     images: ImageConfig = Field(default_factory=ImageConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    report: PathOrUri | None = Field(
+        None, description="write the quality report of the captions at this URI (every fingerprint) and exit"
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

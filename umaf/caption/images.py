@@ -50,6 +50,60 @@ def resolve_image_uri(image: str, manifest_uri: str) -> str:
     return storage.join(parent, image)
 
 
+def too_many_bytes(size: int | None, max_bytes: int, uri: str) -> str | None:
+    """The reason a file of ``size`` bytes is not decoded (None: it may be)."""
+    if size is not None and size > max_bytes:
+        return f"image too large: {size} bytes > images.max_bytes={max_bytes} ({uri})"
+    return None
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int, uri: str) -> str | None:
+    """The reason an image of ``width`` x ``height`` (from its header) is not decoded (None: it may be)."""
+    if width * height > max_pixels:
+        return f"image too large: {width}x{height} pixels > images.max_pixels={max_pixels} ({uri})"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int | None
+    height: int | None
+    error: str | None  # the error row the CPU stage would write, as far as the header shows
+
+
+def read_image_header(uri: str | None, *, max_bytes: int, max_pixels: int, header_bytes: int = 262_144,
+                      storage_kw: dict | None = None) -> ImageHeader:
+    """The image's size from its first ``header_bytes`` (the whole file only when the header lies
+    beyond), with the checks :func:`load_image` makes before decoding: missing, too many bytes, too
+    many pixels, not an image. A body corrupt after a valid header is found only by decoding (the run)."""
+    if not uri:
+        return ImageHeader(None, None, "no image path in the manifest row")
+    try:
+        fs, path = storage.resolve(uri, **(storage_kw or {}))
+        info = fs.get_file_info(path)
+        if info.type.name == "NotFound":
+            return ImageHeader(None, None, f"image not found: {uri}")
+        if reason := too_many_bytes(info.size, max_bytes, uri):
+            return ImageHeader(None, None, reason)
+        with fs.open_input_file(path) as fh:
+            head = fh.read(header_bytes)
+            try:
+                size = Image.open(io.BytesIO(head)).size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                if len(head) < header_bytes:
+                    raise
+                fh.seek(0)
+                size = Image.open(io.BytesIO(fh.read())).size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            return ImageHeader(None, None, f"image not found: {uri}")
+        return ImageHeader(None, None, f"corrupt or unreadable image {uri}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - network, permissions, bad URI
+        return ImageHeader(None, None, f"cannot read image {uri}: {type(exc).__name__}: {exc}")
+    width, height = size
+    return ImageHeader(width, height, too_many_pixels(width, height, max_pixels, uri))
+
+
 def _ceil_to(value: int, factor: int) -> int:
     return -(-value // factor) * factor
 
@@ -102,8 +156,8 @@ def load_image(
         info = fs.get_file_info(path)
         if info.type.name == "NotFound":
             return LoadedImage(None, None, f"image not found: {uri}")
-        if info.size is not None and info.size > max_bytes:
-            return LoadedImage(None, None, f"image too large: {info.size} bytes > images.max_bytes={max_bytes} ({uri})")
+        if reason := too_many_bytes(info.size, max_bytes, uri):
+            return LoadedImage(None, None, reason)
         with fs.open_input_stream(path) as fh:
             data = fh.read()
     except Exception as exc:  # network, permissions, bad URI: this row fails, the job goes on
@@ -114,10 +168,8 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size  # header only: checked before decoding the pixels
-            if width * height > max_pixels:
-                return LoadedImage(
-                    None, sha, f"image too large: {width}x{height} pixels > images.max_pixels={max_pixels} ({uri})"
-                )
+            if reason := too_many_pixels(width, height, max_pixels, uri):
+                return LoadedImage(None, sha, reason)
             content, canvas = target_geometry(width, height, max_side=max_side, max_area=max_area,
                                               multiple_of=multiple_of, min_side=min_side,
                                               max_aspect_ratio=max_aspect_ratio)

@@ -1,23 +1,52 @@
-"""The captions dataset: its schema, and the reader that gives exactly one ``ok`` caption per id.
+"""The captions dataset: its schema, its readers, and the choice of one caption set in it.
 
-The caption job appends, and a second row for an id comes only from a later run: an ``error`` (or
-``invalid``) row then an ``ok`` row after ``--retry-failed``, or an ``ok`` row written by a run that
-was killed and whose processes were still writing when the next run read what was done. Within one
-run, node failures included, each id gets exactly one row: Ray Data names a write task's files by
-(write id, task index), so a write task retried after its file landed rewrites that same file rather
-than adding a second. Readers must never depend on that: training goes through
-:func:`read_ok_captions`, which keeps one ``ok`` row per id whatever the history.
+**Caption sets.** Every row carries the *fingerprint* of what made it (:mod:`umaf.caption.fingerprint`:
+model and its revision or weights, prompt version, sampling, image budget, backend). One captions
+URI can hold several fingerprints side by side (two models, a revised prompt); a row belongs to the
+set of its fingerprint and everything downstream reads exactly one set: resume and
+``--retry-failed`` key on (pair, fingerprint), and training, predict and experiments choose a
+fingerprint through :func:`select_captions` (one present: that one; several: the caller must name
+one, and the error lists them with row counts). Rows written before fingerprints existed read as the
+set :data:`UNVERSIONED`.
+
+**Several rows per id.** The caption job appends, and a second row for an id in one set comes only
+from a later run: an ``error`` (or ``invalid``) row then an ``ok`` row after ``--retry-failed``, or
+an ``ok`` row written by a run that was killed and whose processes were still writing when the next
+run read what was done. Readers never depend on there being one: :func:`latest_ok` keeps exactly one
+``ok`` row per id, the latest by ``captioned_at``; on a tie (same microsecond), the row read last
+wins, and rows are read file by file in the order of the file names, each file's rows in order.
+The writer names files ``part-<run start, UTC>-<run id>-<seq>.parquet``, so "read last" is the later
+run's, then the later file's, then the later row: the last written.
+
+**Torn files.** A file is written whole (one PUT, or a temp file renamed locally), but a foreign or
+interrupted copy can leave a file that is not valid Parquet. Readers skip such a file with one
+warning that names it (delete it, or rerun the caption job: its ids are captioned again), and read
+every other file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from umaf import storage
+from umaf.errors import UserError
+
+log = logging.getLogger("umaf.caption")
 
 STATUS_OK, STATUS_INVALID, STATUS_ERROR = "ok", "invalid", "error"
+# The set of rows written before rows carried a fingerprint (their ``fingerprint`` reads as null).
+UNVERSIONED = "unversioned"
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -35,41 +64,206 @@ CAPTION_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int64()),
         # When the row was produced (UTC, microseconds): among several ok rows for an id the latest wins.
         pa.field("captioned_at", pa.timestamp("us", tz="UTC")),
+        # What made the row: 16 hex of the SHA-256 of ``fingerprint_spec`` (canonical JSON; see
+        # umaf.caption.fingerprint). The spec rides in every row (Parquet stores a repeated value once
+        # per row group), so a set explains itself without any side file.
+        pa.field("fingerprint", pa.string()),
+        pa.field("fingerprint_spec", pa.string()),
+        # Hash of the request (fingerprint + image bytes + text): equal keys, equal captions.
+        pa.field("request_key", pa.string()),
+        # Set when the caption was not generated for this id but copied from the row of an identical
+        # request (the id named here): nothing was paid for it.
+        pa.field("reused_from", pa.string()),
     ]
 )
 
+READ_THREADS = 32  # files read at once: S3 reads are latency-bound, local ones release the GIL
 
-def read_rows(uri: str, schema: pa.Schema, *, columns: list[str] | None = None, **storage_kw) -> pa.Table:
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+def data_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The dataset's Parquet files under ``path``, sorted by path; ``_``/``.`` entries (summaries,
+    reports, temp files) at any depth are not data, as in pyarrow's own discovery."""
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/")
+    files = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        relative = info.path[len(base):].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        files.append(info)
+    return sorted(files, key=lambda info: info.path)
+
+
+def read_rows(uri: str, schema: pa.Schema, *, columns: list[str] | None = None,
+              filter: pc.Expression | None = None, threads: int = READ_THREADS,
+              files: list[pafs.FileInfo] | None = None, **storage_kw) -> pa.Table:
     """All rows of a dataset the driver's writer appends to (captions, predictions) at ``uri``.
 
-    The schema is given, not inferred: a folder whose only file is one torn by a killed writer
-    (excluded as invalid) still reads as an empty table rather than a schema-less one.
+    Files are read concurrently, and the result is in file-name order (each file's rows in order),
+    which :func:`latest_ok` relies on for ties. The schema is given, not inferred: files written
+    before a column existed read it as null, and a folder holding only a torn file reads as an empty
+    table. ``filter`` is pushed down to each file (row groups whose statistics exclude it are not
+    read). A missing folder reads as empty. ``files``: only these (of :func:`data_files`), e.g. a sample.
     """
     fs, path = storage.resolve(uri, **storage_kw)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True, schema=schema)
-    return dataset.to_table(columns=columns)
+    names = columns or schema.names
+    files = data_files(fs, path) if files is None else files
+    if not files:
+        return schema.empty_table().select(names)
+    parquet = pads.ParquetFileFormat()
+    # The size known from the listing spares each file a HEAD request on S3 (2,000 files: 2,000 round trips).
+    fragments = [parquet.make_fragment(info.path, filesystem=fs, file_size=info.size) for info in files]
+
+    def read(fragment: pads.Fragment) -> pa.Table | None:
+        try:
+            return fragment.to_table(schema=schema, columns=names, filter=filter, use_threads=False)
+        except pa.ArrowInvalid as exc:  # not Parquet (torn, truncated, foreign): skip it, say which
+            log.warning("[caption store] skipping %s: not a readable Parquet file (%s); delete it, or rerun the "
+                        "job that wrote it", _display(uri, path, fragment.path), exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(fragments)))) as pool:
+        tables = [t for t in pool.map(read, fragments) if t is not None]
+    if not tables:
+        return schema.empty_table().select(names)
+    return pa.concat_tables(tables)
 
 
-def read_captions(uri: str, *, columns: list[str] | None = None, **storage_kw) -> pa.Table:
-    """All caption rows at ``uri`` (any status, possibly several per id)."""
-    return read_rows(uri, CAPTION_SCHEMA, columns=columns, **storage_kw)
+def _display(uri: str, path: str, file_path: str) -> str:
+    """A file of the dataset as the user addressed it (``s3://b/captions/part-1.parquet``)."""
+    return storage.join(uri, posixpath.relpath(file_path, path)) if file_path.startswith(path) else file_path
 
 
-def read_ok_captions(uri: str, **storage_kw) -> pa.Table:
-    """Exactly one ``status == "ok"`` row per id: the latest by ``captioned_at`` (ties: last written)."""
-    return latest_ok(read_captions(uri, **storage_kw), "captioned_at")
+def read_captions(uri: str, *, columns: list[str] | None = None, fingerprint: str | None = None,
+                  **storage_kw) -> pa.Table:
+    """All caption rows at ``uri`` (any status, possibly several per id); only one set's rows when
+    ``fingerprint`` is given (:data:`UNVERSIONED`: the rows without one)."""
+    return read_rows(uri, CAPTION_SCHEMA, columns=columns, filter=fingerprint_filter(fingerprint), **storage_kw)
+
+
+def fingerprint_filter(fingerprint: str | None) -> pc.Expression | None:
+    if fingerprint is None:
+        return None
+    if fingerprint == UNVERSIONED:
+        return pc.field("fingerprint").is_null()
+    return pc.field("fingerprint") == fingerprint
 
 
 def latest_ok(table: pa.Table, time_column: str) -> pa.Table:
-    """Exactly one ``status == "ok"`` row per id: the latest by ``time_column`` (ties: last written)."""
-    table = table.filter(pc.equal(table["status"], STATUS_OK))
+    """Exactly one ``status == "ok"`` row per id: the latest by ``time_column``; on a tie the row
+    that comes last in ``table`` (for :func:`read_rows` output: the last written, see the module
+    docstring)."""
+    return latest_per_id(table.filter(pc.equal(table["status"], STATUS_OK)), time_column)
+
+
+def latest_per_id(table: pa.Table, time_column: str, *, ok_first: bool = False) -> pa.Table:
+    """One row per id: the latest by ``time_column`` (ties: the row that comes last in ``table``);
+    with ``ok_first``, an id's latest ``ok`` row if it has one (the state a retry has left it in)."""
     if table.num_rows == 0:
         return table
-    order = pc.sort_indices(
-        table.append_column("_row", pa.array(range(table.num_rows))),
-        sort_keys=[("id", "ascending"), (time_column, "descending"), ("_row", "descending")],
-    )
-    table = table.take(order)
-    ids = table["id"].to_numpy(zero_copy_only=False)
-    keep = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+    keys = table.select(["id", time_column]).append_column("_row", pa.array(np.arange(table.num_rows)))
+    sort_keys = [("id", "ascending"), (time_column, "descending"), ("_row", "descending")]
+    if ok_first:
+        not_ok = pc.fill_null(pc.not_equal(table["status"], STATUS_OK), True).cast(pa.int8())
+        keys = keys.append_column("_not_ok", not_ok)
+        sort_keys.insert(1, ("_not_ok", "ascending"))
+    table = table.take(pc.sort_indices(keys, sort_keys=sort_keys))
+    ids = table["id"].combine_chunks()
+    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))  # row i+1 starts a new id
+    keep = np.flatnonzero(np.r_[True, first.to_numpy(zero_copy_only=False)])
     return table.take(pa.array(keep))
+
+
+# ------------------------------------------------------------------------------------------------
+# Caption sets
+
+
+@dataclass(frozen=True)
+class CaptionSet:
+    """One fingerprint's captions at a URI: exactly one ``ok`` row per id (:func:`latest_ok`)."""
+
+    uri: str
+    fingerprint: str
+    table: pa.Table
+    spec: dict[str, Any] | None  # what made it (None for the unversioned set)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records about the captions it used."""
+        return {"uri": self.uri, "fingerprint": self.fingerprint, "ok_ids": self.table.num_rows, "spec": self.spec}
+
+
+def fingerprint_counts(table: pa.Table) -> list[dict[str, Any]]:
+    """Per fingerprint in ``table`` (columns ``id``, ``status``, ``fingerprint``; ``model`` and
+    ``prompt_version`` when present): rows, ok ids and what made it; most ok ids first. Grouped in
+    Arrow: a 10M-row folder is counted without a Python object per row."""
+    if table.num_rows == 0:
+        return []
+    about = [c for c in ("model", "prompt_version") if c in table.column_names]
+    t = pa.table({"fp": pc.fill_null(table["fingerprint"], UNVERSIONED), "id": table["id"],
+                  "ok": pc.fill_null(pc.equal(table["status"], STATUS_OK), False),
+                  **{c: table[c] for c in about}})
+    rows = t.group_by("fp", use_threads=False).aggregate([("id", "count"), *[(c, "first") for c in about]])
+    ok = t.filter(t["ok"]).group_by("fp").aggregate([("id", "count_distinct")])
+    ok_ids = dict(zip(ok["fp"].to_pylist(), ok["id_count_distinct"].to_pylist()))
+    first = {c: rows[f"{c}_first"].to_pylist() if c in about else [None] * rows.num_rows
+             for c in ("model", "prompt_version")}
+    out = [{"fingerprint": fp, "rows": count, "ok_ids": ok_ids.get(fp, 0), "model": model, "prompt_version": prompt}
+           for fp, count, model, prompt in zip(rows["fp"].to_pylist(), rows["id_count"].to_pylist(),
+                                               first["model"], first["prompt_version"])]
+    return sorted(out, key=lambda r: (-r["ok_ids"], r["fingerprint"]))
+
+
+def describe_sets(counts: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{c['fingerprint']} ({c['ok_ids']} ok ids in {c['rows']} rows, model {c['model']}, "
+                     f"prompt {c['prompt_version']})" for c in counts)
+
+
+def choose_fingerprint(counts: list[dict[str, Any]], uri: str, fingerprint: str | None,
+                       key: str = "caption_fingerprint") -> str:
+    """The fingerprint to use among ``counts`` (:func:`fingerprint_counts`): the given one if present;
+    none given, the only one; otherwise a UserError that lists them (``key`` names the setting)."""
+    present = {c["fingerprint"] for c in counts}
+    if fingerprint is not None:
+        if fingerprint not in present:
+            raise UserError(f"captions {uri} hold no fingerprint {fingerprint!r}; they hold: "
+                            f"{describe_sets(counts) or 'no captions'}. Set {key}= to one of them")
+        return fingerprint
+    if not counts:
+        raise UserError(f"captions {uri} hold no caption rows: make them with jobs/caption.py, or fix the URI")
+    if len(counts) > 1:
+        raise UserError(f"captions {uri} hold {len(counts)} caption sets: choose one with {key}=<fingerprint>. "
+                        f"They are: {describe_sets(counts)}")
+    return counts[0]["fingerprint"]
+
+
+def resolve_fingerprint(uri: str, fingerprint: str | None = None, *, key: str = "caption_fingerprint",
+                        **storage_kw) -> str:
+    """Which caption set at ``uri`` a job reads (:func:`choose_fingerprint`), from one listing read."""
+    listing = read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"], **storage_kw)
+    return choose_fingerprint(fingerprint_counts(listing), uri, fingerprint, key)
+
+
+def select_captions(uri: str, fingerprint: str | None = None, *, key: str = "caption_fingerprint",
+                    **storage_kw) -> CaptionSet:
+    """The caption set a job reads at ``uri``: ``fingerprint`` if given, else the only one there
+    (several: a UserError listing them with their row counts, asking for ``key``).
+
+    The one function training, predict and experiments choose captions with.
+    """
+    chosen = resolve_fingerprint(uri, fingerprint, key=key, **storage_kw)
+    table = latest_ok(read_captions(uri, fingerprint=chosen, **storage_kw), "captioned_at")
+    spec = None
+    if chosen != UNVERSIONED and table.num_rows:
+        spec = json.loads(table["fingerprint_spec"][0].as_py() or "null")
+    return CaptionSet(uri=uri, fingerprint=chosen, table=table, spec=spec)
+
+
+def read_ok_captions(uri: str, fingerprint: str | None = None, **storage_kw) -> pa.Table:
+    """Exactly one ``status == "ok"`` row per id of one caption set (see :func:`select_captions`)."""
+    return select_captions(uri, fingerprint, **storage_kw).table

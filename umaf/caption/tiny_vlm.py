@@ -67,8 +67,24 @@ def _train_tokenizer():
     )
 
 
-def build_tiny_vlm(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Build the tiny VLM and ``save_pretrained`` model + processor into ``out_dir``; return it."""
+# The same recipe at other sizes. "tiny": tests and the demo (a few thousand parameters, CPU seconds).
+# "bench-1b": the GPU bench's random-weight VLM at a real model's shape, CLIP ViT-L/14 at 224 px (256
+# image tokens) + a TinyLlama-1.1B-shaped decoder (22 layers, 2048 wide, GQA 32/4 heads), ~1.3 B
+# parameters, 2.6 GB in bf16: large enough that generation, not Python, sets the pace, small enough
+# to build and load within a minute (bench/gpu_suite.py). Only the vocabulary stays the tiny BPE's.
+VLM_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "vision_hidden": 32, "vision_ffn": 64,
+             "vision_layers": 1, "vision_heads": 2, "hidden": 64, "ffn": 128, "layers": 2, "heads": 4, "kv_heads": 2},
+    "bench-1b": {"image_size": 224, "patch_size": 14, "vision_hidden": 1024, "vision_ffn": 4096,
+                 "vision_layers": 24, "vision_heads": 16, "hidden": 2048, "ffn": 5632, "layers": 22, "heads": 32,
+                 "kv_heads": 4},
+}
+
+
+def build_tiny_vlm(out_dir: str | os.PathLike[str], seed: int = 0, shape: str = "tiny") -> Path:
+    """Build the tiny VLM (or the recipe at another of :data:`VLM_SHAPES`) and ``save_pretrained``
+    model + processor into ``out_dir``; return it. Large shapes are initialised on the GPU when there
+    is one and saved in bf16."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -82,13 +98,16 @@ def build_tiny_vlm(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     out = Path(out_dir)
     tokenizer = _train_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    size = VLM_SHAPES[shape]
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+        hidden_size=size["vision_hidden"], intermediate_size=size["vision_ffn"],
+        num_hidden_layers=size["vision_layers"], num_attention_heads=size["vision_heads"],
+        image_size=size["image_size"], patch_size=size["patch_size"], projection_dim=size["vision_hidden"],
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=len(tokenizer), hidden_size=size["hidden"], intermediate_size=size["ffn"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
@@ -99,22 +118,27 @@ def build_tiny_vlm(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    large = shape != "tiny"
+    with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
+        model = LlavaForConditionalGeneration(config).eval()
+    if large:
+        model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    side = size["image_size"]
     image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
         do_center_crop=True, do_convert_rgb=True,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=size["patch_size"],
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "umaf_tiny_vlm.json").write_text(json.dumps({"version": TINY_VLM_VERSION, "seed": seed}))
+    (out / "umaf_tiny_vlm.json").write_text(json.dumps({"version": TINY_VLM_VERSION, "seed": seed, "shape": shape}))
     return out
 
 

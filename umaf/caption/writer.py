@@ -60,7 +60,9 @@ class CaptionMetrics:
     def record(self, table: pa.Table, seconds: float) -> None:
         for status, n in TallyCounter(table["status"].to_pylist()).items():
             self.captions.inc(n, tags={**self.tags, "status": status})
-        tokens = sum(t or 0 for t in table["output_tokens"].to_pylist())
+        # Rows copied from an identical request (reused_from set) generated nothing.
+        reused = table["reused_from"].to_pylist() if "reused_from" in table.column_names else [None] * table.num_rows
+        tokens = sum(t or 0 for t, r in zip(table["output_tokens"].to_pylist(), reused) if r is None)
         if tokens:
             self.tokens.inc(tokens, tags=self.tags)
         if seconds > 0:
@@ -86,6 +88,10 @@ class CaptionWriter:
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         self.files: list[str] = []
         self.rows_written = 0
+        self.failed_attempts = 0
+        # Notified after every file written and every failed attempt: wait_until() lets a caller (a
+        # test, a job that must know a file has landed) wait for exactly that instead of sleeping.
+        self._progress = threading.Condition()
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._oldest: float | None = None
@@ -127,6 +133,16 @@ class CaptionWriter:
             while self._buffered >= self.rows_per_file:
                 self._write_locked(self.rows_per_file)
 
+    def wait_until(self, condition, timeout: float) -> bool:
+        """Block until ``condition(self)`` holds (checked after each write or failed attempt) or
+        ``timeout`` seconds pass; returns whether it holds."""
+        with self._progress:
+            return self._progress.wait_for(lambda: condition(self), timeout)
+
+    def _notify(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
+
     def flush(self) -> None:
         with self._lock:
             if self._buffered:
@@ -162,6 +178,8 @@ class CaptionWriter:
                 storage.write_bytes_atomic(uri, data, **self.storage_kw)
                 break
             except Exception as exc:  # noqa: BLE001 - storage errors come as OSError, ArrowException, ...
+                self.failed_attempts += 1
+                self._notify()
                 if attempt == self.attempts:
                     raise CaptionWriteError(
                         f"cannot write {head.num_rows} {self.noun} to {uri} after {self.attempts} "
@@ -180,4 +198,5 @@ class CaptionWriter:
         self._last_write = now
         self.files.append(uri)
         self.rows_written += head.num_rows
+        self._notify()
         self.log.info("%s %s: %d rows (%d this run)", self.tag, name, head.num_rows, self.rows_written)

@@ -38,7 +38,7 @@ job can observe it. Which ray 2.60 source each piece answers to
 
 Test hooks (environment of the Ray nodes): ``FAKE_VLLM_RECORD_DIR`` — each engine writes one JSON
 file there when it starts (pid, engine kwargs), so a test can count replicas and check the engine
-arguments; ``FAKE_VLLM_SECONDS_PER_REQUEST`` — a delay per request (a run long enough to kill).
+arguments, and where Ray placed it (node id, the resources it reserved); ``FAKE_VLLM_SECONDS_PER_REQUEST`` — a delay per request (a run long enough to kill).
 """
 
 from vllm._fake import (  # noqa: F401

@@ -125,8 +125,16 @@ class AsyncLLMEngine:
         if record:
             os.makedirs(record, exist_ok=True)
             path = os.path.join(record, f"engine-{os.getpid()}-{id(engine)}.json")
+            placement = {}
+            try:  # where Ray put this replica and what it reserved for it (test hook, not vLLM's)
+                import ray
+
+                context = ray.get_runtime_context()
+                placement = {"node_id": context.get_node_id(), "resources": context.get_assigned_resources()}
+            except Exception:  # noqa: BLE001 - outside Ray
+                pass
             with open(path, "w") as fh:
-                json.dump({"pid": os.getpid(), "kwargs": engine_args.kwargs}, fh, default=str)
+                json.dump({"pid": os.getpid(), "kwargs": engine_args.kwargs, **placement}, fh, default=str)
         return engine
 
     def _image_tokens(self, images: list[Any]) -> int:
@@ -195,11 +203,20 @@ class ModelConfig:
         self.model = model
         self.kwargs = kwargs
         self.placeholder = "<image>"
-        try:
-            with open(os.path.join(model, "config.json")) as fh:
-                model_type = json.load(fh).get("model_type", "")
-        except OSError:
-            model_type = ""
+        if model.startswith("s3://"):
+            # vLLM's ModelConfig pulls an object-store model's config files first
+            # (maybe_pull_model_tokenizer_for_runai, with runai-model-streamer); here, config.json via boto3.
+            import boto3
+
+            bucket, _, key = model.removeprefix("s3://").partition("/")
+            body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{key.rstrip('/')}/config.json")["Body"].read()
+            model_type = json.loads(body).get("model_type", "")
+        else:
+            try:
+                with open(os.path.join(model, "config.json")) as fh:
+                    model_type = json.load(fh).get("model_type", "")
+            except OSError:
+                model_type = ""
         if model_type.startswith("qwen2"):
             self.placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
