@@ -77,6 +77,34 @@ def _paper_size_encoders(folder: str) -> tuple[str, str]:
     return image, text
 
 
+def cold_build(table, out: str, *, image_encoder: str, text_encoder: str, image_size: int, max_length: int,
+               batch_size: int, device: str, actors: int, gpus_per_actor: float = 1.0) -> tuple[float, int, str]:
+    """Build the train/dev/test cache of ``table``'s rows (a manifest with ``label``) for a run at
+    ``out``, on the running Ray, as a training job does: (seconds, rows read back, how it was built)."""
+    import pyarrow.compute as pc
+    import ray
+
+    from umaf.models.sppscl import SppSclConfig
+    from umaf.train.config import TrainConfig
+    from umaf.train.sppscl_method import SppSclMethod
+
+    cfg = TrainConfig(model="sppscl", out=out, batch_size=batch_size, num_workers=1, use_gpu=device == "cuda",
+                      preprocess_concurrency=actors, preprocess_gpus_per_actor=gpus_per_actor,
+                      sppscl=SppSclConfig(image_encoder=image_encoder, text_encoder=text_encoder,
+                                          image_size=image_size, max_length=max_length, feature_cache="on"))
+    method = SppSclMethod()
+    raw = {split: ray.data.from_arrow(table.filter(pc.equal(table["split"], split))) for split in ("train", "dev", "test")}
+    started = time.perf_counter()
+    if hasattr(method, "preprocess_splits"):
+        built = {k: v.materialize() for k, v in method.preprocess_splits(raw, cfg).items()}
+        how = "preprocess_splits (one job, actor pool)"
+    else:
+        built = {k: method.preprocess(v, cfg, k).materialize() for k, v in raw.items()}
+        how = "preprocess per split (tasks)"
+    seconds = time.perf_counter() - started
+    return seconds, sum(ds.count() for ds in built.values()), how
+
+
 def build_only(args) -> dict:
     """Cold build of the cache for train/dev/test in a fresh local Ray: seconds and rows/s."""
     import platform
@@ -86,9 +114,6 @@ def build_only(args) -> dict:
 
     from umaf.data.demo import write_demo
     from umaf.data.manifest import read_manifest
-    from umaf.models.sppscl import SppSclConfig
-    from umaf.train.config import TrainConfig
-    from umaf.train.sppscl_method import SppSclMethod
 
     work = tempfile.mkdtemp(prefix="umaf-cache-build-bench-")
     demo = write_demo(work, n_train=args.rows, n_dev=args.eval_rows, n_test=args.eval_rows)
@@ -97,23 +122,10 @@ def build_only(args) -> dict:
     ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        import pyarrow.compute as pc
-
-        cfg = TrainConfig(model="sppscl", out=os.path.join(work, "runs", "r"), batch_size=args.batch_size,
-                          num_workers=1, use_gpu=args.device == "cuda", preprocess_concurrency=args.actors,
-                          sppscl=SppSclConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
-                                              image_size=args.image_size, max_length=args.max_length, feature_cache="on"))
-        method = SppSclMethod()
-        raw = {split: ray.data.from_arrow(table.filter(pc.equal(table["split"], split))) for split in ("train", "dev", "test")}
-        started = time.perf_counter()
-        if hasattr(method, "preprocess_splits"):
-            built = {k: v.materialize() for k, v in method.preprocess_splits(raw, cfg).items()}
-            how = "preprocess_splits (one job, actor pool)"
-        else:
-            built = {k: method.preprocess(v, cfg, k).materialize() for k, v in raw.items()}
-            how = "preprocess per split (tasks)"
-        seconds = time.perf_counter() - started
-        rows = sum(ds.count() for ds in built.values())
+        seconds, rows, how = cold_build(table, os.path.join(work, "runs", "r"), image_encoder=args.image_encoder,
+                                        text_encoder=args.text_encoder, image_size=args.image_size,
+                                        max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+                                        actors=args.actors)
     finally:
         ray.shutdown()
     result = {"build_s": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds, 2), "how": how,

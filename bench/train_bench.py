@@ -40,7 +40,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def plain_loop(cfg, table, epochs: int, threads: int, device_name: str = "cpu") -> list[float]:
+def plain_loop(cfg, table, epochs: int, threads: int, device_name: str = "cpu",
+               windows: list[tuple[float, float]] | None = None, profile: dict | None = None) -> list[float]:
+    """Samples/s of each epoch. ``windows`` (if given) receives each epoch's wall-clock (start, end);
+    ``profile`` (if given) receives ``table``: a ``torch.profiler`` summary of ``profile["steps"]`` more
+    steps after the timed epochs (the ops that cost the most device and host time)."""
     import numpy as np
     import torch
 
@@ -63,15 +67,34 @@ def plain_loop(cfg, table, epochs: int, threads: int, device_name: str = "cpu") 
     ctx = StepContext(optimizer=optimizer, device=device, config=cfg, grad_clip=cfg.grad_clip,
                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     n, rates = len(labels), []
+
+    def step(start: int) -> None:
+        batch = {k: v[start:start + cfg.batch_size] for k, v in encoded.items()}
+        batch["label"], batch["id"] = labels[start:start + cfg.batch_size], np.arange(len(batch["input_ids"]))
+        method.train_step(model, method.collate(batch, device), ctx)
+
     for _ in range(epochs):
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         for start in range(0, n, cfg.batch_size):
-            batch = {k: v[start:start + cfg.batch_size] for k, v in encoded.items()}
-            batch["label"], batch["id"] = labels[start:start + cfg.batch_size], np.arange(len(batch["input_ids"]))
-            method.train_step(model, method.collate(batch, device), ctx)
+            step(start)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(n / (time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        rates.append(n / seconds)
+        if windows is not None:
+            windows.append((started_at, started_at + seconds))
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for i in range(profile.get("steps", 10)):
+                step((i * cfg.batch_size) % max(1, n - cfg.batch_size + 1))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        profile["table"] = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50)
     return rates
 
 

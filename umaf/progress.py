@@ -25,6 +25,21 @@ def quiet_ray_data_logs() -> Iterator[None]:
         data_logger.setLevel(saved)
 
 
+def actor_logging(logger: logging.Logger) -> None:
+    """Make an actor's INFO lines (model loaded, on which device, in how long) reach its worker log,
+    and from there ``ray job logs`` and the driver's console. A Ray worker process configures no
+    logging, so Python would drop them (only WARNING and above reach stderr through ``lastResort``).
+    Adds one stderr handler to the ``umaf`` logger, once per process, unless something (Train's own
+    console handler on its workers, a user's setup) already handles it."""
+    root_logger = logging.getLogger(logger.name.split(".")[0])
+    if root_logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 60:

@@ -44,6 +44,27 @@ from umaf import storage
 
 CACHE_FORMAT_VERSION = 1  # rows and columns unchanged by the actor-pool build: version-1 caches stay valid
 SPLIT_COLUMN, POSITION_COLUMN = "_cache_split", "_cache_position"  # build-time only, never written
+# Build-time only as well: where the encoder actor ran ("cuda (NVIDIA H200)", "cpu"), gathered into
+# _SUCCESS.json's "encoded_on" (fp16 features computed on a GPU and on a CPU differ in rounding).
+DEVICE_COLUMN = "_cache_encoded_on"
+BUILD_COLUMNS = (SPLIT_COLUMN, POSITION_COLUMN, DEVICE_COLUMN)
+
+
+def _model_pixels(batch: dict[str, np.ndarray], device: torch.device, processor) -> torch.Tensor:
+    """The batch's ``pixel_values`` on ``device`` as the encoder's float32 input: ``uint8`` pixels
+    (:func:`decode_images_batch` with ``as_uint8``) are copied from pinned memory and normalised
+    there; float32 pixels (already normalised) are copied as they are."""
+    from umaf.models.image_encoder import normalize_pixels
+
+    pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"]))
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()  # a real asynchronous copy (pageable memory is staged by the driver)
+    pixels = pixels.to(device, non_blocking=True)
+    return normalize_pixels(pixels, processor) if pixels.dtype == torch.uint8 else pixels.float()
+
+
+def _device_label(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 FEATURE_COLUMNS = ("id", "label", "image_ok", "image_map", "image_shape", "text_states", "text_shape")
 SUCCESS_FILE = "_SUCCESS.json"
 FEATURE_DTYPE = np.float16
@@ -59,6 +80,10 @@ def rows_fingerprint(ids: list[str], texts: list[str], images: list[str | None],
 
 
 def cache_key(*, image_encoder: str, text_encoder: str, image_size: int, max_length: int, fingerprint: str) -> str:
+    from umaf.models.image_encoder import is_torchvision_checkpoint, resolve_image_encoder
+
+    if is_torchvision_checkpoint(image_encoder):  # keyed by the file's content (its converted folder's name)
+        image_encoder = resolve_image_encoder(image_encoder).rstrip("/").rsplit("/", 1)[-1]
     spec = {
         "format": CACHE_FORMAT_VERSION,
         "image_encoder": image_encoder,
@@ -97,16 +122,21 @@ def _encoders(image_encoder: str, text_encoder: str, use_gpu: bool):
 
 
 def decode_images_batch(batch: dict[str, np.ndarray], image_encoder: str, image_size: int | None,
-                        storage_kw: dict[str, Any]) -> dict[str, np.ndarray]:
+                        storage_kw: dict[str, Any], as_uint8: bool = False) -> dict[str, np.ndarray]:
     """Ray Data CPU task: read and decode a batch's images into the encoder's pixels (``pixel_values``
     float32 ``[B,3,S,S]``; ``image_size`` None: the processor's own size) and AND the decode status into
     ``image_ok``. Runs beside the encoder actors,
-    so the actors (and their GPU) never wait on PIL."""
+    so the actors (and their GPU) never wait on PIL.
+
+    ``as_uint8``: resized and cropped ``uint8`` pixels, normalised later by the encoder actor on its
+    device (:func:`_model_pixels`): a quarter of float32's bytes through the object store and the
+    host-to-GPU copy, and no float arithmetic here (the GPU suite's profile of the cache build: the
+    actor's largest host cost was copying float32 pixels to the GPU)."""
     from umaf.models.image_encoder import pixel_values_from_bytes
 
     processor = _image_processor(image_encoder)  # once per reused task worker process
     images = [read_image_bytes(uri, storage_kw) for uri in batch["image"].tolist()]
-    pixels, image_ok = pixel_values_from_bytes(processor, images, image_size)
+    pixels, image_ok = pixel_values_from_bytes(processor, images, image_size, normalize=not as_uint8)
     out = {k: v for k, v in batch.items() if k not in ("image", "image_ok")}
     out["image_ok"] = image_ok.numpy() & np.asarray(batch.get("image_ok", np.ones(len(images), bool)), dtype=bool)
     out["pixel_values"] = pixels.numpy()
@@ -124,22 +154,23 @@ class FeatureEncoderActor:
     """The frozen encoders, loaded once per actor: decoded pixels + text → cached feature columns."""
 
     def __init__(self, image_encoder: str, text_encoder: str, max_length: int, use_gpu: bool = False):
-        self.device, self.image, self.text, _, self.tokenizer = _encoders(image_encoder, text_encoder, use_gpu)
+        self.device, self.image, self.text, self.processor, self.tokenizer = _encoders(image_encoder, text_encoder, use_gpu)
         self.max_length = max_length
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
+        pixels = _model_pixels(batch, self.device, self.processor)
         # Pad to the longest text of the batch only: the attention mask makes the states of real
         # tokens identical to padding to max_length, and only real tokens are stored.
         enc = self.tokenizer(batch["text"].tolist(), padding="longest", truncation=True,
                              max_length=self.max_length, return_tensors="pt")
-        image_map = self.image(pixels.to(self.device, non_blocking=True)).to(torch.float16).cpu().numpy()
+        image_map = self.image(pixels).to(torch.float16).cpu().numpy()
         states = self.text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         states = states.to(torch.float16).cpu().numpy()  # [B, L, N, H]
         lengths = enc["attention_mask"].sum(dim=1).numpy()
         return {
             **{k: batch[k] for k in (SPLIT_COLUMN, POSITION_COLUMN) if k in batch},
+            DEVICE_COLUMN: np.array([_device_label(self.device)] * len(lengths), dtype=object),
             "id": batch["id"],
             "label": np.asarray(batch["label"], dtype=np.int64),
             "image_ok": np.asarray(batch["image_ok"], dtype=bool),
@@ -173,16 +204,19 @@ def write_cache_batch(batch: dict[str, np.ndarray], folders: dict[str, str], sto
 
     splits = np.asarray(batch[SPLIT_COLUMN]).astype(str)
     positions = np.asarray(batch[POSITION_COLUMN], dtype=np.int64)
-    features = [c for c in batch if c not in ("id", "label", "image_ok", SPLIT_COLUMN, POSITION_COLUMN)]
-    written_splits, written_rows = [], []
+    features = [c for c in batch if c not in ("id", "label", "image_ok", *BUILD_COLUMNS)]
+    has_image_ok = "image_ok" in batch  # image features only (text states have no image)
+    written_splits, written_rows, devices = [], [], []
+    encoded_on = sorted(set(np.asarray(batch[DEVICE_COLUMN]).astype(str).tolist())) if DEVICE_COLUMN in batch else []
     for split in sorted(set(splits.tolist())):
         rows = np.flatnonzero(splits == split)
         rows = rows[np.argsort(positions[rows], kind="stable")]
         columns = {
             "id": pa.array(np.asarray(batch["id"])[rows].tolist(), pa.string()),
             "label": pa.array(np.asarray(batch["label"])[rows], pa.int64()),
-            "image_ok": pa.array(np.asarray(batch["image_ok"])[rows], pa.bool_()),
         }
+        if has_image_ok:
+            columns["image_ok"] = pa.array(np.asarray(batch["image_ok"])[rows], pa.bool_())
         for name in features:
             if name.endswith("_shape"):  # as Ray's tensor column (what Dataset.write_parquet wrote in version 1)
                 columns[name] = ArrowTensorArray.from_numpy(np.asarray(batch[name], dtype=np.int32)[rows])
@@ -195,7 +229,9 @@ def write_cache_batch(batch: dict[str, np.ndarray], folders: dict[str, str], sto
         pq.write_table(table, f"{folder.rstrip('/')}/{name}", filesystem=fs)
         written_splits.append(split)
         written_rows.append(len(rows))
-    return {"split": np.array(written_splits, dtype=object), "rows": np.array(written_rows, dtype=np.int64)}
+        devices.append(",".join(encoded_on))
+    return {"split": np.array(written_splits, dtype=object), "rows": np.array(written_rows, dtype=np.int64),
+            "encoded_on": np.array(devices, dtype=object)}
 
 
 def decode_features(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -228,12 +264,12 @@ def split_cache_uri(cache_dir: str, key: str, split: str) -> str:
 
 def load_or_build(ds, *, cache_dir: str, split: str, image_encoder: str, text_encoder: str, image_size: int,
                   max_length: int, storage_kw: dict[str, Any], concurrency: int = 1, use_gpu: bool = False,
-                  batch_size: int = 64):
+                  batch_size: int = 64, gpus_per_actor: float = 1.0):
     """One split's cached features as a Ray Dataset (see :func:`load_or_build_splits`)."""
     return load_or_build_splits(
         {split: ds}, cache_dir=cache_dir, image_encoder=image_encoder, text_encoder=text_encoder,
         image_size=image_size, max_length=max_length, storage_kw=storage_kw, concurrency=concurrency,
-        use_gpu=use_gpu, batch_size=batch_size,
+        use_gpu=use_gpu, batch_size=batch_size, gpus_per_actor=gpus_per_actor,
     )[split]
 
 
@@ -245,7 +281,8 @@ def _blocks_for(rows: int, batch_size: int, actors: int) -> int:
 
 def load_or_build_splits(datasets: dict[str, Any], *, cache_dir: str, image_encoder: str, text_encoder: str,
                          image_size: int, max_length: int, storage_kw: dict[str, Any], concurrency: int = 1,
-                         use_gpu: bool = False, batch_size: int = 64) -> dict[str, tuple[Any, dict[str, Any]]]:
+                         use_gpu: bool = False, batch_size: int = 64,
+                         gpus_per_actor: float = 1.0) -> dict[str, tuple[Any, dict[str, Any]]]:
     """SPP-SCL: every split's cached ResNet map + BERT states as a Ray Dataset (see :func:`build_splits`)."""
     def key(fingerprint: str) -> str:
         return cache_key(image_encoder=image_encoder, text_encoder=text_encoder, image_size=image_size,
@@ -253,7 +290,7 @@ def load_or_build_splits(datasets: dict[str, Any], *, cache_dir: str, image_enco
 
     return build_splits(
         datasets, cache_dir=cache_dir, key=key, storage_kw=storage_kw, concurrency=concurrency, use_gpu=use_gpu,
-        batch_size=batch_size, columns=FEATURE_COLUMNS,
+        batch_size=batch_size, columns=FEATURE_COLUMNS, gpus_per_actor=gpus_per_actor,
         decode_kwargs={"image_encoder": image_encoder, "image_size": image_size},
         actor=FeatureEncoderActor, actor_kwargs={"image_encoder": image_encoder, "text_encoder": text_encoder,
                                                  "max_length": max_length, "use_gpu": use_gpu},
@@ -262,17 +299,25 @@ def load_or_build_splits(datasets: dict[str, Any], *, cache_dir: str, image_enco
     )
 
 
+IMAGE_INPUTS = ("id", "text", "image", "image_ok", "label")
+
+
 def build_splits(datasets: dict[str, Any], *, cache_dir: str, key, storage_kw: dict[str, Any], concurrency: int,
-                 use_gpu: bool, batch_size: int, columns: tuple[str, ...], decode_kwargs: dict[str, Any], actor: type,
-                 actor_kwargs: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+                 use_gpu: bool, batch_size: int, columns: tuple[str, ...], decode_kwargs: dict[str, Any] | None,
+                 actor: type, actor_kwargs: dict[str, Any], meta: dict[str, Any],
+                 inputs: tuple[str, ...] = IMAGE_INPUTS, fingerprint=None,
+                 gpus_per_actor: float = 1.0) -> dict[str, tuple[Any, dict[str, Any]]]:
     """Every split's cached features as a Ray Dataset, building all missing splits in one job first.
 
-    ``datasets`` maps split → rows with ``id``, ``text``, ``image``, ``label`` (and optionally
-    ``image_ok``); ``key(fingerprint)`` names the cache entry of a split's rows. The missing splits go
+    ``datasets`` maps split → rows with the ``inputs`` columns (images: ``id``, ``text``, ``image``,
+    ``label`` and optionally ``image_ok``); ``fingerprint(table)`` hashes a split's rows (default: id,
+    text, image path and label) and ``key(fingerprint)`` names their cache entry. The missing splits go
     through one pipeline (one encoder load per actor for all of them): decode tasks
-    (:func:`decode_images_batch` with ``decode_kwargs``) → ``concurrency`` ``actor`` instances, one
-    GPU each when ``use_gpu`` → writers. Returns split → ``(dataset of columns, info)``; ``info``
-    says whether the cache was hit, its URI and row count.
+    (:func:`decode_images_batch` with ``decode_kwargs``, uint8 pixels; none when it is None) →
+    ``concurrency`` ``actor`` instances, each with ``gpus_per_actor`` of a GPU when ``use_gpu`` (below
+    1, several actors share a GPU, so one's host work — tokenising, copying features out — overlaps
+    another's kernels) → writers. Returns split → ``(dataset of columns, info)``; ``info`` says
+    whether the cache was hit, its URI and row count.
     """
     import pyarrow as pa
     import ray.data
@@ -280,11 +325,14 @@ def build_splits(datasets: dict[str, Any], *, cache_dir: str, key, storage_kw: d
 
     plan: dict[str, dict[str, Any]] = {}
     for split, ds in datasets.items():
-        present = [c for c in ("id", "text", "image", "image_ok", "label") if c in ds.columns()]
+        present = [c for c in inputs if c in ds.columns()]
         table = pa.concat_tables(ray.get(ds.select_columns(present).to_arrow_refs()))
-        fingerprint = rows_fingerprint(table["id"].to_pylist(), table["text"].to_pylist(),
-                                       table["image"].to_pylist(), table["label"].to_pylist())
-        entry = key(fingerprint)
+        if fingerprint is not None:
+            digest = fingerprint(table)
+        else:
+            digest = rows_fingerprint(table["id"].to_pylist(), table["text"].to_pylist(),
+                                      table["image"].to_pylist(), table["label"].to_pylist())
+        entry = key(digest)
         base = split_cache_uri(cache_dir, entry, split)
         hit = storage.exists(storage.join(base, SUCCESS_FILE), **storage_kw)
         plan[split] = {"table": table, "key": entry, "base": base, "hit": hit, "writer": uuid.uuid4().hex[:12]}
@@ -294,9 +342,10 @@ def build_splits(datasets: dict[str, Any], *, cache_dir: str, key, storage_kw: d
         parts = []
         for split in missing:
             table = plan[split]["table"]
-            if "image_ok" not in table.column_names:
-                table = table.append_column("image_ok", pa.array([True] * table.num_rows, pa.bool_()))
-            table = table.select(["id", "text", "image", "image_ok", "label"])
+            if decode_kwargs is not None:
+                if "image_ok" not in table.column_names:
+                    table = table.append_column("image_ok", pa.array([True] * table.num_rows, pa.bool_()))
+                table = table.select(list(IMAGE_INPUTS))
             table = table.append_column(SPLIT_COLUMN, pa.array([split] * table.num_rows, pa.string()))
             table = table.append_column(POSITION_COLUMN, pa.array(range(table.num_rows), pa.int64()))
             parts.append(table)
@@ -307,25 +356,28 @@ def build_splits(datasets: dict[str, Any], *, cache_dir: str, key, storage_kw: d
         step = math.ceil(rows.num_rows / blocks)
         union = ray.data.from_arrow([rows.slice(start, step) for start in range(0, rows.num_rows, step)])
         folders = {split: storage.join(plan[split]["base"], plan[split]["writer"]) for split in missing}
+        if decode_kwargs is not None:
+            union = union.map_batches(decode_images_batch, batch_format="numpy", batch_size=batch_size,
+                                      fn_kwargs={**decode_kwargs, "storage_kw": storage_kw, "as_uint8": True})
         written = (
-            union.map_batches(decode_images_batch, batch_format="numpy", batch_size=batch_size,
-                              fn_kwargs={**decode_kwargs, "storage_kw": storage_kw})
-            .map_batches(actor, batch_format="numpy", batch_size=batch_size, fn_constructor_kwargs=actor_kwargs,
-                         compute=ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else None)
+            union.map_batches(actor, batch_format="numpy", batch_size=batch_size, fn_constructor_kwargs=actor_kwargs,
+                              compute=ActorPoolStrategy(size=concurrency), num_gpus=gpus_per_actor if use_gpu else None)
             .map_batches(write_cache_batch, batch_format="numpy", batch_size=None,
                          fn_kwargs={"folders": folders, "storage_kw": storage_kw})
             .take_all()
         )
         counts = {split: 0 for split in missing}
+        devices: dict[str, set[str]] = {split: set() for split in missing}
         for row in written:
             counts[row["split"]] += int(row["rows"])
+            devices[row["split"]].update(d for d in str(row.get("encoded_on") or "").split(",") if d)
         for split in missing:
             expected = plan[split]["table"].num_rows
             if counts[split] != expected:  # pragma: no cover - a lost batch would leave a short cache
                 raise RuntimeError(f"feature cache for {split}: wrote {counts[split]} of {expected} rows")
             storage.write_json_atomic(storage.join(plan[split]["base"], SUCCESS_FILE), {
                 "folder": plan[split]["writer"], "rows": expected, "key": plan[split]["key"],
-                "format": CACHE_FORMAT_VERSION, **meta,
+                "format": CACHE_FORMAT_VERSION, "encoded_on": sorted(devices[split]), **meta,
             }, **storage_kw)
 
     out = {}
@@ -352,13 +404,14 @@ class ImageTokenActor:
 
     def __init__(self, image_encoder: str, use_gpu: bool = False):
         self.device, self.encoder = _image_token_encoder(image_encoder, use_gpu)
+        self.processor = _image_processor(image_encoder)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
-        tokens = self.encoder(pixels.to(self.device, non_blocking=True)).to(torch.float16).cpu().numpy()
+        tokens = self.encoder(_model_pixels(batch, self.device, self.processor)).to(torch.float16).cpu().numpy()
         return {
             **{k: batch[k] for k in (SPLIT_COLUMN, POSITION_COLUMN) if k in batch},
+            DEVICE_COLUMN: np.array([_device_label(self.device)] * len(tokens), dtype=object),
             "id": batch["id"],
             "label": np.asarray(batch["label"], dtype=np.int64),
             "image_ok": np.asarray(batch["image_ok"], dtype=bool),
@@ -377,7 +430,7 @@ def _image_token_encoder(image_encoder: str, use_gpu: bool):
 
 def load_or_build_image_tokens(datasets: dict[str, Any], *, cache_dir: str, image_encoder: str,
                                storage_kw: dict[str, Any], concurrency: int = 1, use_gpu: bool = False,
-                               batch_size: int = 64) -> dict[str, tuple[Any, dict[str, Any]]]:
+                               batch_size: int = 64, gpus_per_actor: float = 1.0) -> dict[str, tuple[Any, dict[str, Any]]]:
     """UMAF: every split's image tokens, computed once by the frozen image encoder (with its own image
     processor's preprocessing) and reused by every epoch, run and trial on the same rows."""
     def key(fingerprint: str) -> str:
@@ -387,7 +440,7 @@ def load_or_build_image_tokens(datasets: dict[str, Any], *, cache_dir: str, imag
 
     return build_splits(
         datasets, cache_dir=cache_dir, key=key, storage_kw=storage_kw, concurrency=concurrency, use_gpu=use_gpu,
-        batch_size=batch_size, columns=IMAGE_TOKEN_COLUMNS,
+        batch_size=batch_size, columns=IMAGE_TOKEN_COLUMNS, gpus_per_actor=gpus_per_actor,
         decode_kwargs={"image_encoder": image_encoder, "image_size": None},
         actor=ImageTokenActor, actor_kwargs={"image_encoder": image_encoder, "use_gpu": use_gpu},
         meta={"kind": "umaf-image-tokens", "image_encoder": image_encoder},
@@ -408,3 +461,96 @@ def cache_size_bytes(uri: str, storage_kw: dict[str, Any]) -> int:
 
     fs, path = storage.resolve(uri, **storage_kw)
     return sum(info.size or 0 for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.is_file)
+
+
+# --------------------------------------------------------------------------------------------
+# UMAF's text states (a frozen text encoder, umaf.train_encoder=false): the same build, no images.
+
+TEXT_STATE_COLUMNS = ("id", "label", "text_states", "text_states_shape")
+TEXT_STATE_INPUTS = ("id", "label", "input_ids", "attention_mask", "token_type_ids")
+
+
+class TextStateActor:
+    """The frozen text encoder, loaded once per actor (eval mode: no dropout, as a frozen feature
+    extractor runs): token arrays → ``text_states`` (fp16 bytes of the last hidden states ``[n, d]`` of
+    the ``n`` real tokens; padding is not stored) and ``text_states_shape``."""
+
+    def __init__(self, encoder: str, cache_dir: str | None = None, use_gpu: bool = False):
+        self.device, self.encoder, self.token_types = _text_state_encoder(encoder, cache_dir, use_gpu)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        mask = np.asarray(batch["attention_mask"])
+        lengths = mask.sum(1).astype(np.int64)
+        longest = max(1, int(lengths.max()))  # the attention mask makes the real tokens' states the same
+        # np.array(...) copies: Ray Data's batches are read-only views.
+        inputs = {"input_ids": torch.from_numpy(np.array(batch["input_ids"][:, :longest], dtype=np.int64)),
+                  "attention_mask": torch.from_numpy(np.array(mask[:, :longest], dtype=np.int64))}
+        if self.token_types and "token_type_ids" in batch:
+            inputs["token_type_ids"] = torch.from_numpy(np.array(batch["token_type_ids"][:, :longest], dtype=np.int64))
+        states = self.encoder(**{k: v.to(self.device) for k, v in inputs.items()}).last_hidden_state
+        states = states.to(torch.float16).cpu().numpy()
+        return {
+            **{k: batch[k] for k in (SPLIT_COLUMN, POSITION_COLUMN) if k in batch},
+            DEVICE_COLUMN: np.array([_device_label(self.device)] * len(lengths), dtype=object),
+            "id": batch["id"],
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "text_states": np.array([s[: int(n)].tobytes() for s, n in zip(states, lengths)], dtype=object),
+            "text_states_shape": np.array([(int(n), s.shape[-1]) for s, n in zip(states, lengths)], dtype=np.int32),
+        }
+
+
+@functools.lru_cache(maxsize=2)
+def _text_state_encoder(encoder: str, cache_dir: str | None, use_gpu: bool):
+    import inspect
+
+    from umaf.models.encoders import load_encoder
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    model, _, _ = load_encoder(encoder, cache_dir)
+    model = model.to(device).eval()
+    return device, model, "token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def token_rows_fingerprint(table) -> str:
+    """Order-independent hash of tokenised rows: id, label and the real tokens' ids and types, i.e.
+    exactly what the encoder reads (text, captions, budget rule and tokenizer all show up in it)."""
+    ids = table["id"].to_pylist()
+    labels = table["label"].to_pylist()
+    tokens = [np.asarray(table[c].to_pylist()) for c in ("input_ids", "attention_mask", "token_type_ids")]
+    h = hashlib.sha256()
+    for k in sorted(range(len(ids)), key=lambda k: ids[k]):
+        n = int(tokens[1][k].sum())
+        h.update(json.dumps([ids[k], int(labels[k]), tokens[0][k][:n].tolist(), tokens[2][k][:n].tolist()]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def load_or_build_text_states(datasets: dict[str, Any], *, cache_dir: str, encoder: str, encoder_cache: str | None,
+                              storage_kw: dict[str, Any], concurrency: int = 1, use_gpu: bool = False,
+                              batch_size: int = 64) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """UMAF with a frozen text encoder: every split's token states, computed once by the encoder and
+    reused by every epoch, run, trial and experiment cell on the same tokenised rows. ``datasets``
+    hold :data:`TEXT_STATE_INPUTS` (the tokenised rows); ``encoder`` is the resolved model path/id."""
+    def key(fingerprint: str) -> str:
+        spec = {"format": CACHE_FORMAT_VERSION, "kind": "umaf-text-states", "encoder": encoder, "rows": fingerprint}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    return build_splits(
+        datasets, cache_dir=cache_dir, key=key, storage_kw=storage_kw, concurrency=concurrency, use_gpu=use_gpu,
+        batch_size=batch_size, columns=TEXT_STATE_COLUMNS, decode_kwargs=None, actor=TextStateActor,
+        actor_kwargs={"encoder": encoder, "cache_dir": encoder_cache, "use_gpu": use_gpu},
+        meta={"kind": "umaf-text-states", "encoder": encoder}, inputs=TEXT_STATE_INPUTS,
+        fingerprint=token_rows_fingerprint,
+    )
+
+
+def decode_text_states(batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """Cached rows → ``text_states [B, L, d]`` float32, zero after each row's real tokens, ``L`` its
+    longest row (the collate cuts the attention mask to the same length)."""
+    shapes = np.asarray(batch["text_states_shape"]).reshape(-1, 2).astype(np.int64)
+    longest, hidden = max(1, int(shapes[:, 0].max())), int(shapes[0, 1])
+    states = np.zeros((len(shapes), longest, hidden), dtype=np.float32)
+    for row, (data, (n, d)) in enumerate(zip(batch["text_states"], shapes)):
+        states[row, :n] = np.frombuffer(data, dtype=FEATURE_DTYPE).reshape(n, d)
+    return torch.from_numpy(states)
