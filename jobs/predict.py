@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = run_ray_job("predict", args.config.ray, lambda: check_locations(args.config),
                           lambda: run_predict(args.config))
     run, now = summary["this_run"], summary["dataset_status"]
-    metrics = "".join(f"; {split}: accuracy {m['accuracy']:.4f}, weighted F1 {m['weighted_f1']:.4f}"
+    metrics = "".join(f"; {split}: accuracy {m['accuracy']:.4f}, weighted F1 {m['weighted_f1']:.4f}, macro F1 "
+                      f"{m['macro_f1']:.4f}, F1 of weighted P/R {m['f1_of_weighted_pr']:.4f}"
                       for split, m in (summary["metrics"] or {}).items() if m.get("n"))
     print(f"predicted {summary['predicted']} pairs in {summary['seconds']:.0f}s (ok {run['ok']}, error {run['error']}) "
           f"→ {summary['out']}; all ids now: ok {now['ok']}, error {now['error']}{metrics} "

@@ -37,12 +37,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     with reported_errors("train"):
         metrics = run_training(args.config)
-    test, baseline = metrics["test"], metrics["majority_baseline"]["test"]
-    # Epochs are counted from 1 on the console, as the epoch lines count them (metrics.json: from 0).
-    print(f"test: accuracy {test['accuracy']:.3f}, macro F1 {test['macro_f1']:.3f}, weighted F1 "
-          f"{test['weighted_f1']:.3f} (majority baseline {baseline['weighted_f1']:.3f}); best dev epoch "
-          f"{metrics['best_epoch'] + 1} of {metrics['epochs']} → {args.config.out} (metrics.json)")
+    print(last_line(metrics, args.config.out))
     return metrics
+
+
+def last_line(metrics: dict, out: str) -> str:
+    """The run's closing line: the reported protocol's test figures (the three F1s side by side), the
+    other protocol's and the gap where batch-mates matter, the baseline and the best epoch."""
+    test, baseline = metrics["test"], metrics["majority_baseline"]["test"]
+    ev = metrics.get("eval") or {}
+    protocol = f" ({ev['protocol']})" if ev.get("batch_dependent") else ""
+    line = (f"test{protocol}: accuracy {test['accuracy']:.3f}, weighted F1 {test['weighted_f1']:.3f}, macro F1 "
+            f"{test['macro_f1']:.3f}, F1 of weighted P/R {test['f1_of_weighted_pr']:.3f}")
+    other = metrics.get("other_protocol") or {}
+    gap = (metrics.get("protocol_gap") or {}).get("test")
+    if other.get("test"):
+        line += (f" | {other['protocol']}: accuracy {other['test']['accuracy']:.3f}, weighted F1 "
+                 f"{other['test']['weighted_f1']:.3f}; gap official_order − train_context: accuracy "
+                 f"{gap['accuracy']:+.3f}, weighted F1 {gap['weighted_f1']:+.3f}")
+    elif other.get("same_as_reported"):
+        line += " (any evaluation order: predictions do not depend on batch-mates)"
+    elif other:
+        line += f" | {other['protocol']}: not evaluated ({other.get('why')})"
+    # Epochs are counted from 1 on the console, as the epoch lines count them (metrics.json: from 0).
+    return (f"{line} (majority baseline weighted F1 {baseline['weighted_f1']:.3f}); best dev epoch "
+            f"{metrics['best_epoch'] + 1} of {metrics['epochs']} → {out} (metrics.json)")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,11 @@ def ray_head_cluster():
     """
     from ray_head import start_head
 
-    cluster = start_head(num_cpus=int(os.environ.get("UMAF_TEST_RAY_CPUS", "4")), object_store_mb=400)
+    # The machine's GPUs join the cluster (the `gpu` tests need them; CPU machines have none).
+    import torch
+
+    gpus = int(os.environ.get("UMAF_TEST_RAY_GPUS", torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    cluster = start_head(num_cpus=int(os.environ.get("UMAF_TEST_RAY_CPUS", "4")), object_store_mb=400, num_gpus=gpus)
     try:
         yield cluster
     finally:
@@ -152,6 +156,13 @@ def tiny_vlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     cache = tmp_path_factory.mktemp("tiny-vlm")
     ensure_tiny_vlm(cache)
     return str(cache)
+
+
+def worker_log_lines(cluster, needle: str) -> list[str]:
+    """Lines containing ``needle`` in the worker logs of a test cluster (what ``ray job logs`` and the
+    dashboard show of its actors and tasks)."""
+    logs = [p for p in Path(cluster.temp_dir).rglob("worker-*") if p.is_file()]
+    return [line for log in logs for line in log.read_text(errors="replace").splitlines() if needle in line]
 
 
 def job_main(name: str):
@@ -211,3 +222,68 @@ def wait_for_killed_driver_job(address: str, driver_pid: int, timeout: float = 3
             return
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} (driver pid {driver_pid}) still has live processes after {timeout:.0f}s: {left[:10]}")
+
+
+# GPUs of the instance types cluster/aws.yaml names (AWS instance type pages): its worker node types
+# get them from EC2 at launch; the fake cluster below states them.
+AWS_INSTANCE_GPUS = {"g6.xlarge": 1, "g5.12xlarge": 4, "m6i.4xlarge": 0}
+FAKE_GPUS = {"gpu_caption": 1, "gpu_train": 2}  # tiny: what the tests need, on one 2-core machine
+FAKE_MAX_WORKERS = {"gpu_caption": 2, "gpu_train": 1}
+FAKE_HEAD_CPUS = 8
+
+
+def fake_aws_autoscaling_config(idle_timeout_minutes: float = 0.1) -> dict:
+    """cluster/aws.yaml's worker node types for Ray's ``fake_multinode`` autoscaler: the same names and
+    custom resources (scaled per GPU: caption_node and train_node are one per GPU there), the same
+    CPU override where aws.yaml sets one, tiny sizes, a short idle timeout."""
+    import yaml
+
+    aws = yaml.safe_load((REPO_ROOT / "cluster" / "aws.yaml").read_text())
+    node_types = {}
+    for name, spec in aws["available_node_types"].items():
+        if name == aws["head_node_type"]:
+            continue
+        real_gpus = AWS_INSTANCE_GPUS[spec["node_config"]["InstanceType"]]
+        gpus = FAKE_GPUS[name]
+        custom = {k: v * gpus / real_gpus for k, v in spec["resources"].items() if k != "CPU"}
+        resources = {"CPU": spec["resources"].get("CPU", 2), "GPU": gpus, **custom,
+                     "object_store_memory": 150 * 1024 * 1024}
+        node_types[name] = {"resources": resources, "node_config": {}, "min_workers": 0,
+                            "max_workers": FAKE_MAX_WORKERS[name]}
+    node_types["ray.head.default"] = {"resources": {"CPU": FAKE_HEAD_CPUS}, "node_config": {}, "max_workers": 0}
+    empty: dict = {key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                       "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                       "cluster_synced_files", "rsync_exclude", "rsync_filter")}
+    return {
+        "cluster_name": "umaf-fake", "max_workers": sum(FAKE_MAX_WORKERS.values()), "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes, "head_node_type": "ray.head.default",
+        "available_node_types": node_types, "auth": {}, "docker": {}, "file_mounts": {},
+        "file_mounts_sync_continuously": False, **empty,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_aws_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A head alone (8 CPUs, no GPU, like aws.yaml's head) whose autoscaler starts cluster/aws.yaml's
+    worker node types (tiny, on this machine) when jobs ask for their resources, and ends them when idle.
+
+    Shared by the vLLM caption tests and the placement tests. Every node imports ``tests/fake_vllm``
+    as ``vllm`` (it fakes only the engine's body; ray.data.llm is real), which records each engine
+    it starts in ``record_dir``.
+    """
+    from ray_head import start_head
+
+    record = tmp_path_factory.mktemp("engines")
+    fake_vllm = Path(__file__).resolve().parent / "fake_vllm"
+    env = {"PYTHONPATH": os.pathsep.join([str(fake_vllm), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_VLLM_RECORD_DIR": str(record), "FAKE_VLLM_SECONDS_PER_REQUEST": "1.0",
+           "RAY_metrics_report_interval_ms": "500"}
+    cluster = start_head(num_cpus=FAKE_HEAD_CPUS, num_gpus=0, object_store_mb=300, env=env,
+                         autoscaling_config=fake_aws_autoscaling_config())
+    cluster.record_dir = record
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -32,7 +32,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RAY_BIN = str(Path(sys.executable).with_name("ray"))
+# The `ray` command beside this Python (a venv); else the same CLI through this interpreter (where Ray
+# is unpacked onto PYTHONPATH, as on the GPU machine's bundle, there is no `ray` script).
+_RAY_SCRIPT = Path(sys.executable).with_name("ray")
+RAY_CMD = [str(_RAY_SCRIPT)] if _RAY_SCRIPT.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 NODE_ENV = {
     "RAY_AUTH_MODE": "disabled",
@@ -241,15 +244,21 @@ def start_head(
     timeout: float = 180,
     attempts: int = 3,
     num_gpus: int = 0,
+    autoscaling_config: dict | None = None,
 ) -> RayCluster:
     """``ray start --head --block`` on free ports with the dashboard; returns once the dashboard answers.
 
     On a heavily loaded machine a raylet can give up waiting for its (slow to import) dashboard
     agent and the head exits; it is then started again from scratch, up to ``attempts`` times.
+
+    With ``autoscaling_config`` (a cluster launcher config whose provider is ``fake_multinode``) the
+    head also runs Ray's autoscaler, which starts and ends worker nodes on this machine as it would
+    EC2 instances (``FakeMultiNodeProvider``: each node a raylet of this cluster, a child of the
+    head's autoscaler, so stopping the head stops them too).
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus)
+            return _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus, autoscaling_config)
         except RuntimeError as exc:
             if attempt == attempts:
                 raise
@@ -257,15 +266,26 @@ def start_head(
     raise AssertionError("unreachable")
 
 
-def _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus=0) -> RayCluster:
+def _start_head_once(num_cpus, resources, object_store_mb, env, timeout, num_gpus=0,
+                     autoscaling_config=None) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="umaf-ray-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
+    extra_args: list[str] = []
+    if autoscaling_config is not None:
+        # The fake provider joins its nodes to this GCS (by default it would assume port 6379).
+        config = {**autoscaling_config, "provider": {**autoscaling_config["provider"], "gcs_address": f"127.0.0.1:{port}"}}
+        path = temp_dir / "autoscaling.json"
+        path.write_text(json.dumps(config))
+        extra_args.append(f"--autoscaling-config={path}")
+        # What ray.cluster_utils.AutoscalingCluster.start sets (it also runs `ray stop --force`, which
+        # would stop every cluster on the machine: that is why the head is started here instead).
+        env = {**(env or {}), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     args = [
-        RAY_BIN, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        *RAY_CMD, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
         f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats", *_node_ports(),
+        "--disable-usage-stats", *_node_ports(), *extra_args,
     ]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
@@ -309,7 +329,7 @@ def start_worker(
     temp_dir = cluster.temp_dir / name  # (short: Unix socket paths under it must stay < ~107 bytes)
     temp_dir.mkdir(exist_ok=True)
     args = [
-        RAY_BIN, "start", "--block", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
+        *RAY_CMD, "start", "--block", f"--address={cluster.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_mb * 1024 * 1024}",
         "--disable-usage-stats", f"--temp-dir={temp_dir}", *_node_ports(),
     ]

@@ -92,8 +92,10 @@ def run_driver(job: str, args: list[str], cluster: RayCluster, log_path: Path, e
     """``python jobs/<job>.py ... ray.address=<cluster>``: a driver on the head, as ``ray job submit`` would run it."""
     env = {**os.environ, **job_runtime_env_vars(), **extra_env}
     env.pop("RAY_ADDRESS", None)
+    # The job's workers see extra_env too only when asked: a driver forwards no cache settings by itself.
+    forward = [f"ray.forward_env=[{','.join(extra_env)}]"] if extra_env else []
     return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "jobs" / f"{job}.py"), *args, f"ray.address={cluster.gcs_address}"],
+        [sys.executable, str(REPO_ROOT / "jobs" / f"{job}.py"), *args, *forward, f"ray.address={cluster.gcs_address}"],
         env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=str(log_path.parent),
     )
 

@@ -9,7 +9,7 @@ from umaf.config import ConfigError, load_config
 from umaf.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
 from umaf.train.config import TrainConfig
 from umaf.train.loop import build_scheduler
-from umaf.train.metrics import classification_metrics, majority_baseline
+from umaf.train.metrics import classification_metrics, f1_of_weighted_pr, majority_baseline
 
 
 def test_classification_metrics_by_hand():
@@ -25,6 +25,32 @@ def test_classification_metrics_by_hand():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     base = majority_baseline([1, 1, 0], [0, 1, 2, 1], ["a", "b", "c"])
     assert base["accuracy"] == 0.5 and base["confusion_matrix"][1] == [0, 2, 0]
+
+
+@pytest.mark.parametrize("precision, recall, published_f1", [
+    (89.57, 89.34, 89.46),  # UMAF Table 1/4, MSED sentiment
+    (87.60, 86.58, 87.09),  # UMAF Table 1, MSED emotion
+    (90.75, 87.99, 89.35),  # UMAF Table 1/4
+])
+def test_f1_of_weighted_pr_gives_the_umaf_papers_f1(precision, recall, published_f1):
+    # The paper prints two decimals: its F1 is the harmonic mean of weighted P and R, each known to
+    # +-0.005, so the printed F1 lies between the means of the bounds (rounded to two decimals).
+    low = f1_of_weighted_pr(precision - 0.005, recall - 0.005)
+    high = f1_of_weighted_pr(precision + 0.005, recall + 0.005)
+    assert low - 0.005 <= published_f1 <= high + 0.005
+    assert f1_of_weighted_pr(precision, recall) == pytest.approx(2 * precision * recall / (precision + recall))
+    # sklearn's weighted F1 is another number. By hand (equal supports; P, R per class a (1/2, 1/2),
+    # b (2/3, 1), c (1, 1/2)): weighted P = 13/18, weighted R = 2/3, so the paper's F1 = 2PR/(P+R) =
+    # 52/75, while the mean of the per-class F1s is (1/2 + 4/5 + 2/3) / 3 = 59/90.
+    m = classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
+    assert m["weighted_precision"] == pytest.approx(13 / 18) and m["weighted_recall"] == pytest.approx(2 / 3)
+    assert m["f1_of_weighted_pr"] == pytest.approx(52 / 75)
+    assert m["weighted_f1"] == pytest.approx(59 / 90)
+
+
+def test_umaf_paper_presets_select_the_papers_f1():
+    for preset in ("paper-msed-sentiment", "paper-msed-emotion", "paper-mvsa-single"):
+        assert load_config(TrainConfig, "train", preset=preset).best_metric == "f1_of_weighted_pr", preset
 
 
 def _lrs(cfg: TrainConfig, steps: int) -> list[float]:

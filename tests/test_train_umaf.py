@@ -199,6 +199,12 @@ def test_a_run_killed_in_its_final_test_pass_resumes_to_just_the_test_pass(ray_c
     out = tmp_path / "run"
     args = ["--model", "umaf", "--out", str(out), *data_args(demo, encoder_cache), "epochs=1", "num_workers=1"]
     job_main("train")(args)
+    # The caption set trained on: the demo's reference set (the only one there), pinned in the config.
+    from umaf.data.demo import REFERENCE_FINGERPRINT
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["captions"]["fingerprint"] == REFERENCE_FINGERPRINT.id
+    assert f"caption_fingerprint: {REFERENCE_FINGERPRINT.id}" in (out / "config.yaml").read_text()
     (out / "metrics.json").unlink()  # as if the driver died during the final test pass
     metrics = job_main("train")(args)
     assert metrics["resumed_from_epoch"] == 1 and metrics["test"]["weighted_f1"] > 0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR_ENV = "UMAF_CONFIG_DIR"
 DEFAULT_PRESET = "tiny"
@@ -85,11 +85,12 @@ def absolute_path(value: str | None) -> str | None:
 
 
 def model_reference(value: str | None) -> str | None:
-    """A model given by hub id (``roberta-base``), built-in name (``tiny``) or local folder: only a
-    local folder (it exists, or is written as a path) is made absolute, like :func:`absolute_path`."""
+    """A model given by hub id (``roberta-base``), built-in name (``tiny``), local folder or checkpoint file
+    (``*.pth``, a torchvision state_dict): only local paths (a folder that exists, a checkpoint file, or a
+    value written as a path) are made absolute, like :func:`absolute_path`."""
     if value is None or "://" in value:
         return value
-    looks_like_path = value.startswith((".", "/", "~")) or os.path.isdir(
+    looks_like_path = value.startswith((".", "/", "~")) or value.endswith((".pth", ".pt")) or os.path.isdir(
         os.path.join(os.environ.get(WORKDIR_ENV) or os.getcwd(), value))
     return absolute_path(value) if looks_like_path else value
 
@@ -123,6 +124,23 @@ class RayConfig(StrictModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: all)")
     include_dashboard: bool = Field(True, description="start the dashboard with a local cluster")
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="more of the driver's environment variables to pass to every Ray process of the job (e.g. "
+        "[HF_HUB_OFFLINE] where nodes must not reach the hub); by default only where the object store is. "
+        "Credentials are refused: nodes use their own AWS chain",
+    )
+
+    @field_validator("forward_env")
+    @classmethod
+    def _no_secrets(cls, names: list[str]) -> list[str]:
+        from umaf.raycluster import looks_secret
+
+        leaked = [name for name in names if looks_secret(name)]
+        if leaked:
+            raise ValueError(f"{', '.join(leaked)} would put a credential in a Ray runtime env, which the dashboard "
+                             "shows to anyone; give nodes their own credentials (instance role, IRSA) instead")
+        return names
 
 
 class StorageConfig(StrictModel):

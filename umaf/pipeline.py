@@ -196,7 +196,7 @@ def stage_summary(stage: Stage, result: Any) -> dict[str, Any]:
         used = ((result.get("data") or {}).get("rows_used") or {})
         return {"rows": sum(used.values()) if used else None, "best_epoch": result.get("best_epoch"),
                 "test_accuracy": test.get("accuracy"), "test_weighted_f1": test.get("weighted_f1"),
-                "test_macro_f1": test.get("macro_f1")}
+                "test_macro_f1": test.get("macro_f1"), "test_f1_of_weighted_pr": test.get("f1_of_weighted_pr")}
     facts = {k: v for k, v in result.items() if k not in ("rows", "summary") and isinstance(v, (str, int, float))}
     return {"rows": len(result.get("rows") or []), **facts}
 
@@ -209,13 +209,19 @@ def _outcome(stage: str, facts: dict[str, Any]) -> str:
     if stage == "train" and facts.get("test_weighted_f1") is not None:
         best = facts.get("best_epoch")
         return (f"best epoch {best + 1 if isinstance(best, int) else '?'}: test acc {facts['test_accuracy']:.3f}, "
-                f"weighted F1 {facts['test_weighted_f1']:.3f}")
+                f"weighted F1 {facts['test_weighted_f1']:.3f}, macro F1 {_num(facts.get('test_macro_f1'))}, "
+                f"F1 of weighted P/R {_num(facts.get('test_f1_of_weighted_pr'))}")
     if stage == "predict" and facts.get("metrics"):
-        return "; ".join(f"{split}: acc {m['accuracy']:.3f}, weighted F1 {m['weighted_f1']:.3f}"
+        return "; ".join(f"{split}: acc {m['accuracy']:.3f}, weighted F1 {m['weighted_f1']:.3f}, macro F1 "
+                         f"{_num(m.get('macro_f1'))}, F1 of weighted P/R {_num(m.get('f1_of_weighted_pr'))}"
                          for split, m in facts["metrics"].items() if m.get("n"))
     if stage == "tune" and facts.get("best_config"):
         return f"best config: {facts['best_config']}"
     return ""
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ import pyarrow.dataset as pads
 from PIL import Image, ImageDraw, ImageFont
 
 from umaf import storage
+from umaf.caption.fingerprint import fingerprint_of
 from umaf.caption.store import CAPTION_SCHEMA, STATUS_OK
 from umaf.data.manifest import build_table, write_manifest
 
@@ -55,6 +56,8 @@ _KIND_CYCLE: tuple[DecidedBy, ...] = ("both", "text", "image") * 3 + ("contrast"
 
 # A fixed timestamp keeps the reference captions byte-identical for a given seed.
 _CAPTIONED_AT = datetime(2024, 1, 1, tzinfo=timezone.utc)
+# The reference captions are one caption set like any other: written by this module, not a model.
+REFERENCE_FINGERPRINT = fingerprint_of({"format": 1, "reference": REFERENCE_MODEL, "written_by": "umaf.data.demo"})
 
 # Topics are shared by every label and kind, so a topic word carries no label information.
 _TOPICS = [
@@ -220,7 +223,8 @@ def _reference_caption_row(pair: dict) -> dict:
         "id": pair["id"], **fields, "raw": json.dumps(fields), "status": STATUS_OK, "error": None,
         "model": REFERENCE_MODEL, "prompt_version": "demo-reference", "sampling": None,
         "image_sha256": hashlib.sha256(pair["image_bytes"]).hexdigest(), "output_tokens": None,
-        "captioned_at": _CAPTIONED_AT,
+        "captioned_at": _CAPTIONED_AT, "fingerprint": REFERENCE_FINGERPRINT.id,
+        "fingerprint_spec": REFERENCE_FINGERPRINT.spec_json, "request_key": None, "reused_from": None,
     }
 
 
@@ -242,12 +246,12 @@ def write_demo(out_dir: str, n_train: int = 240, n_dev: int = 60, n_test: int = 
     rng = random.Random(seed)
     rows, captions = [], []
     for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
-        for pair in make_pairs(split, n, rng):
+        for position, pair in enumerate(make_pairs(split, n, rng)):
             image_uri = storage.join(images_uri, f"{pair['id']}.jpg")
             with fs.open_output_stream(storage.resolve(image_uri, **storage_kw)[1]) as out:
                 out.write(pair["image_bytes"])
             rows.append({"id": pair["id"], "split": split, "text": pair["text"], "image": image_uri,
-                         "image_ok": True, f"label_{TASK}": pair["label"]})
+                         "image_ok": True, "source_index": position, f"label_{TASK}": pair["label"]})
             captions.append(_reference_caption_row(pair))
     manifest_uri = manifest_uri or storage.join(out_dir, "manifest")
     write_manifest(build_table(rows, DATASET_NAME, {TASK: LABELS}), manifest_uri, **storage_kw)

@@ -27,12 +27,19 @@ class PredictConfig(StrictModel):
     captions: PathOrUri | None = Field(
         None, description="captions URI joined by id (UMAF runs trained with captions); None: the run's captions"
     )
+    caption_fingerprint: str | None = Field(
+        None, description="which caption set at captions to join (UMAF); None: the one the run was trained on if "
+        "present, else the only one there",
+    )
     out: PathOrUri = Field("./outputs/predictions", description="predictions dataset URI (local folder or s3://)")
     splits: list[Literal["train", "dev", "test"]] | None = Field(None, description="label only these splits")
     limit: int | None = Field(None, ge=1, description="label only the first N selected rows (manifest order)")
     retry_failed: bool = Field(False, description="also redo ids whose last row is an error row")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where each actor runs the model; auto: CUDA when the actor has a GPU"
+    )
+    precision: Literal["bf16", "fp32"] | None = Field(
+        None, description="GPU compute (bf16 autocast or fp32); None: the run's training precision. CPUs use fp32"
     )
     actors: PredictActorsConfig = Field(default_factory=PredictActorsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -16,8 +16,9 @@ method's files (tokenizer, encoder config). Preprocessing is the training's own 
   frozen-feature cache gets its features through the cache builder's own encoder
   (:class:`umaf.train.feature_cache.FrozenFeatureEncoder`, fp16 as stored), one without it through
   :func:`umaf.train.sppscl_method.raw_inputs_batch`. CMF attends across the batch, so
-  :meth:`RunModel.predict_proba` runs the rows in the order given, in consecutive batches of the
-  run's ``eval_batch_size`` (the last one shorter), as training evaluates a split.
+  :meth:`RunModel.predict_proba` follows the run's evaluation protocol: ``train_context`` (the
+  default) predicts each row with the run's training pairs as its only batch-mates; ``official_order``
+  runs the rows in the order given, in consecutive batches of ``eval_batch_size``.
 
 Then the method's own ``collate`` and ``predict`` (what the training loop's ``evaluate`` runs).
 """
@@ -89,7 +90,7 @@ class RunModel(nn.Module):
     """
 
     def __init__(self, card: dict[str, Any], model: nn.Module, folder: Path, device: torch.device,
-                 checkpoint: str, storage_kw: dict[str, Any]):
+                 checkpoint: str, storage_kw: dict[str, Any], precision: str | None = None):
         super().__init__()
         self.model = model
         self.card = card
@@ -98,6 +99,14 @@ class RunModel(nn.Module):
         self.labels: list[str] = list(card["labels"])
         self.eval_batch_size: int = int(card.get("eval_batch_size") or self.config.eval_batch_size)
         self.folder, self.device, self.checkpoint, self.storage_kw = folder, device, checkpoint, storage_kw
+        # GPU compute as the run trained (TrainConfig.precision) unless asked otherwise; CPUs run fp32.
+        self.precision = precision or self.config.resolved_precision
+        # SPP-SCL: the run's reported evaluation protocol. Under train_context every row is predicted with
+        # the run's training pairs (raw rows in the card) as its only batch-mates, as the run evaluated.
+        ev = card.get("eval") or {}
+        self.context_rows: list[dict[str, Any]] = (list(ev.get("context_rows") or [])
+                                                   if ev.get("protocol") == "train_context" else [])
+        self._context_features: dict[str, np.ndarray] | None = None
         self.to(device).eval()
 
     @property
@@ -131,13 +140,13 @@ class RunModel(nn.Module):
         if s.use_feature_cache:
             from umaf.train.feature_cache import FrozenFeatureEncoder
 
-            encoder = FrozenFeatureEncoder(s.image_encoder, s.text_encoder, s.image_size, s.max_length,
+            encoder = FrozenFeatureEncoder(s.image_encoder, s.text_encoder, s.image_size, s.resolved_max_length,
                                            self.storage_kw, use_gpu=self.device.type == "cuda")
             return encoder({**base, "image": images, "image_ok": ok})
         from umaf.train.sppscl_method import raw_inputs_batch
 
         out = raw_inputs_batch({**base, "image": images}, s.image_encoder, s.text_encoder, s.image_size,
-                               s.max_length, self.storage_kw)
+                               s.resolved_max_length, self.storage_kw)
         out["image_ok"] = out["image_ok"] & ok
         return out
 
@@ -150,9 +159,27 @@ class RunModel(nn.Module):
     def predict_rows(self, rows: dict[str, Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
         """One batch, as given: ``(probabilities [B, C] float32, image_ok [B] bool)``."""
         feats = self.features(rows)
-        tensors = self.method.collate(feats, self.device)
-        probs = torch.softmax(self(**tensors).float(), dim=-1).cpu().numpy()
+        n = len(rows["text"])
+        context = self._context() if self.context_rows else None
+        feed = feats if context is None else {k: np.concatenate([np.asarray(feats[k]), np.asarray(context[k])])
+                                              for k in feats}
+        tensors = self.method.collate(feed, self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.precision == "bf16"):
+            if context is None:
+                logits = self(**tensors)
+            else:
+                logits, _ = self.method.predict_isolated(self.model, tensors, n)
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return probs, np.asarray(feats["image_ok"], dtype=bool)
+
+    def _context(self) -> dict[str, np.ndarray]:
+        """The run's train_context pairs, preprocessed once as any row (their images read from the run's manifest)."""
+        if self._context_features is None:
+            rows = self.context_rows
+            self._context_features = self.features({
+                "id": [r["id"] for r in rows], "text": [r["text"] for r in rows], "image": [r.get("image") for r in rows],
+                "image_ok": [r.get("image_ok", True) for r in rows]})
+        return self._context_features
 
     def predict_proba(self, texts: Sequence[str], captions: Sequence[dict | None] | None = None,
                       images: Sequence[str | bytes | None] | None = None, batch_size: int | None = None) -> np.ndarray:
@@ -196,8 +223,9 @@ def require_predictable(card: dict[str, Any], run_uri: str) -> None:
             f"{run_uri.rstrip('/')}/best/{WEIGHTS_FILE} and its test figures in metrics.json.")
 
 
-def load_run(run_uri: str, device: str | torch.device = "cpu", **storage_kw) -> RunModel:
-    """The run's best model, ready to predict (eval mode, on ``device``; ``"auto"``: CUDA if available)."""
+def load_run(run_uri: str, device: str | torch.device = "cpu", precision: str | None = None, **storage_kw) -> RunModel:
+    """The run's best model, ready to predict (eval mode, on ``device``; ``"auto"``: CUDA if available;
+    ``precision`` on GPUs: bf16 or fp32, None: the run's)."""
     card = read_card(run_uri, **storage_kw)
     folder = local_best(run_uri, **storage_kw)
     state = read_weights(str(folder))
@@ -221,7 +249,7 @@ def load_run(run_uri: str, device: str | torch.device = "cpu", **storage_kw) -> 
     checkpoint = f"{run_uri.rstrip('/')}/best@{digest}" + (f" (epoch {epoch + 1})" if isinstance(epoch, int) else "")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RunModel(card, model, folder, torch.device(device), checkpoint, storage_kw)
+    return RunModel(card, model, folder, torch.device(device), checkpoint, storage_kw, precision)
 
 
 def export_untrained_run(cfg: TrainConfig, label_names: list[str], task: str, dataset: str, seed: int = 0) -> None:

@@ -9,9 +9,11 @@ Tokenisation, the token budget and the encoders are the run's (:mod:`umaf.predic
 
 **Batches and order.** The rows are cut into batches on the driver: within each split, in manifest
 order, consecutive runs of ``actors.batch_size`` rows (UMAF) or of the run's ``eval_batch_size``
-(SPP-SCL, whose CMF attends across the batch: a pair's prediction depends on its batch-mates). A
-split is thus batched exactly as the training's evaluation batched it, so on a run's own test split
-the predictions, and ``_metrics.json``, are the run's. Each Ray Data block holds whole batches and
+(SPP-SCL, whose CMF attends across the batch: a pair's prediction depends on its batch-mates). SPP-SCL
+follows the run's reported evaluation protocol (``eval`` in its model card): ``train_context``, each
+pair predicted with the run's training pairs as its only batch-mates (:meth:`RunModel.predict_rows`);
+``official_order``, the split in its source files' order (``source_index``). So on a run's own test
+split the predictions, and ``_metrics.json``, are the run's. Each Ray Data block holds whole batches and
 each actor call runs them one by one (``batch`` column), so Ray never regroups them.
 
 **Resume.** The output dataset is the checkpoint, as in the caption job: ids with an ``ok`` row
@@ -41,9 +43,18 @@ import pyarrow.compute as pc
 
 from umaf import storage
 from umaf.caption.pipeline import done_ids, latest_status_counts, read_statuses
-from umaf.caption.store import STATUS_ERROR, STATUS_OK, latest_ok, read_ok_captions, read_rows
+from umaf.caption.store import (
+    STATUS_ERROR,
+    STATUS_OK,
+    choose_fingerprint,
+    fingerprint_counts,
+    latest_ok,
+    read_captions,
+    read_ok_captions,
+    read_rows,
+)
 from umaf.caption.writer import CaptionWriter
-from umaf.data.manifest import label_column, read_manifest
+from umaf.data.manifest import SOURCE_INDEX, label_column, read_manifest
 from umaf.errors import UserError
 from umaf.predict.config import PredictConfig
 from umaf.progress import ProgressLine, quiet_ray_data_logs
@@ -66,6 +77,13 @@ SUMMARY_FILE, METRICS_FILE = "_summary.json", "_metrics.json"  # "_": dataset re
 BATCH, EMIT = "batch", "emit"
 SELECTED = "_selected"  # within splits/limit (a row outside the limit may still be a batch-mate)
 ROW_COLUMNS = ("id", "split", "text", "image", "image_ok", "error")
+
+
+def predict_runtime_env() -> dict[str, Any]:
+    """The predict actors' runtime env: the driver's storage settings (never credentials)."""
+    from umaf.raycluster import checked_runtime_env
+
+    return checked_runtime_env(storage.forwarded_env())
 
 
 def check_locations(config: PredictConfig) -> dict[str, Any]:
@@ -99,6 +117,29 @@ def captions_uri(config: PredictConfig, card: dict[str, Any]) -> str | None:
     return uri
 
 
+def caption_fingerprint(config: PredictConfig, card: dict[str, Any], uri: str) -> str:
+    """The caption set to join: ``caption_fingerprint`` if given, else the one the run was trained on
+    when ``uri`` holds it, else the only one there. A set other than the training's gets a warning:
+    the model reads captions unlike those it learnt from."""
+    kw = config.storage_kw
+    trained = card["train_config"].get("caption_fingerprint")
+    counts = fingerprint_counts(read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"],
+                                              **kw))
+    wanted = config.caption_fingerprint
+    if wanted is None and trained in {c["fingerprint"] for c in counts}:
+        wanted = trained
+    chosen = choose_fingerprint(counts, uri, wanted)
+    if trained is not None and chosen != trained:
+        log.warning("[predict stage=plan] captions %s: set %s differs from the set the run was trained on (%s): "
+                    "the model reads captions made otherwise (model, prompt, sampling or image budget) than those "
+                    "it learnt from; caption the pairs with the training's settings, or set caption_fingerprint=%s if "
+                    "%s holds them", uri, chosen, trained, trained, uri)
+    elif trained is None:
+        log.info("[predict stage=plan] run %s records no caption set (trained before fingerprints); using %s",
+                 config.run, chosen)
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------------
 # Driver side, plain pyarrow: rows to predict and their batches
 
@@ -127,7 +168,8 @@ def input_rows(config: PredictConfig, card: dict[str, Any]) -> tuple[pa.Table, A
         from umaf.train.umaf_method import CAPTION_COLUMN, join_captions
 
         uri = captions_uri(config, card)
-        captions = read_ok_captions(uri, **kw) if uri else None
+        fingerprint = config.caption_fingerprint or (caption_fingerprint(config, card, uri) if uri else None)
+        captions = read_ok_captions(uri, fingerprint, **kw) if uri else None
         table = join_captions(table, captions, "text_only").table
         policy = card["train_config"]["missing_caption"]
         if captions is not None:
@@ -140,7 +182,11 @@ def input_rows(config: PredictConfig, card: dict[str, Any]) -> tuple[pa.Table, A
                 errors = [e or (None if h else f"no ok caption for this id in {uri} (the run drops such pairs: "
                                 "missing_caption=drop)") for e, h in zip(errors, has)]
     table = table.append_column("error", pa.array(errors, pa.string()))
-    return table.append_column(SELECTED, pa.array(selected, pa.bool_())), manifest
+    table = table.append_column(SELECTED, pa.array(selected, pa.bool_()))
+    if (card.get("eval") or {}).get("protocol") == "official_order" and SOURCE_INDEX in table.column_names:
+        # The run's reported protocol is the official one: each split in its source files' order.
+        table = table.sort_by([("split", "ascending"), (SOURCE_INDEX, "ascending")])
+    return table, manifest
 
 
 def plan_batches(table: pa.Table, done: pa.Array, batch_size: int, whole_batches: bool) -> pa.Table:
@@ -215,11 +261,13 @@ def prediction_rows(rows: dict[str, list], probs: np.ndarray | None, image_ok: n
 class Predictor:
     """Ray Data actor: the run's best model, loaded once; each call runs its whole batches in order."""
 
-    def __init__(self, run_uri: str, storage_kw: dict[str, Any], device: str):
+    def __init__(self, run_uri: str, storage_kw: dict[str, Any], device: str, precision: str | None = None):
         from umaf.predict.model import load_run
+        from umaf.progress import actor_logging
 
+        actor_logging(log)
         started = time.perf_counter()
-        self.model = load_run(run_uri, device=device, **storage_kw)
+        self.model = load_run(run_uri, device=device, precision=precision, **storage_kw)
         log.info("[predict stage=model] actor loaded %s (%s) on %s in %.1fs", self.model.checkpoint,
                  self.model.method_name, self.model.device, time.perf_counter() - started)
 
@@ -284,6 +332,8 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     started = time.time()
     kw = config.storage_kw
     card = check_locations(config)
+    if uri := captions_uri(config, card):  # the caption set, chosen (and warned about) once
+        config = config.model_copy(update={"caption_fingerprint": caption_fingerprint(config, card, uri)})
     rows, manifest = input_rows(config, card)
     tag = f"[predict dataset={manifest.dataset}"
     before = read_statuses(config.out, PREDICTION_SCHEMA, **kw)
@@ -303,10 +353,11 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         blocks = batch_blocks(plan, batch_size if sppscl else 4 * batch_size)
         a = config.actors
         device = config.device if config.device != "auto" else ("cuda" if a.num_gpus > 0 else "cpu")
-        io_args = {"runtime_env": {"env_vars": env}} if (env := storage.forwarded_env()) else {}
+        io_args = {"runtime_env": env} if (env := predict_runtime_env()) else {}
         ds = ray.data.from_arrow(blocks)
         predictions = ds.map_batches(
-            Predictor, fn_constructor_kwargs={"run_uri": config.run, "storage_kw": kw, "device": device},
+            Predictor, fn_constructor_kwargs={"run_uri": config.run, "storage_kw": kw, "device": device,
+                                              "precision": config.precision},
             compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors), batch_size=None,
             batch_format="pyarrow", num_gpus=a.num_gpus or None, num_cpus=a.num_cpus, **io_args,
         )
@@ -332,11 +383,14 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     summary = {
         "run": config.run, "method": card["method"], "task": card["task"], "dataset": manifest.dataset,
         "manifest": config.manifest or card["train_config"]["manifest"], "out": config.out,
+        "captions": uri, "caption_fingerprint": config.caption_fingerprint,
+        "trained_caption_fingerprint": card["train_config"].get("caption_fingerprint"),
         "selected": n_selected, "skipped": n_selected - todo, "predicted": after.num_rows - before.num_rows,
         "this_run": {s: this_run.get(s, 0) for s in STATUSES},
         "dataset_status": {s: n for s, n in latest_status_counts(after).items() if s in STATUSES},
         "metrics": None if metrics is None else {
-            split: {k: m.get(k) for k in ("n", "accuracy", "weighted_f1", "macro_f1")} for split, m in metrics["splits"].items()},
+            split: {k: m.get(k) for k in ("n", "accuracy", "weighted_f1", "macro_f1", "f1_of_weighted_pr")}
+            for split, m in metrics["splits"].items()},
         "metrics_file": metrics_uri if metrics is not None else None,
         "seconds": round(time.time() - started, 2), "finished_at": datetime.now(timezone.utc).isoformat(),
     }

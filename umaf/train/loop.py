@@ -1,11 +1,15 @@
 """The Ray Train worker loop shared by every method (runs on each DDP rank).
 
-Per epoch: train on this rank's shard (``get_dataset_shard("train")``), evaluate on ``dev`` (rank 0,
-whole split, fixed order and batch size), save the best model by the dev metric, and
-``ray.train.report`` metrics with a checkpoint (model, optimizer, scheduler, epoch). A restarted run
-(same run folder, or a worker group restarted by ``FailureConfig``) resumes from
-``ray.train.get_checkpoint()``. At the end rank 0 evaluates the best model on ``test`` and writes
-``metrics.json``, ``predictions/{dev,test}.parquet`` and TensorBoard scalars into the run folder.
+Per epoch: train on this rank's part of every global batch of the epoch's permutation of the
+training split (:mod:`umaf.train.order`; the rows come from the materialised split's blocks, read
+zero-copy from the object store), evaluate on ``dev`` (rank 0, whole split, under the reported
+evaluation protocol), save the best model by the dev metric, and ``ray.train.report`` metrics with a
+checkpoint (model, optimizer, scheduler, epoch). A restarted run (same run folder, or a worker group
+restarted by ``FailureConfig``) resumes from ``ray.train.get_checkpoint()``. At the end rank 0
+evaluates the best model on dev and test under the reported protocol and, where a pair's prediction
+depends on its batch-mates (SPP-SCL), under the other one too, and writes ``metrics.json`` (both, and
+the gap), ``predictions/{dev,test}.parquet`` (the reported protocol's; the other's as
+``predictions/{dev,test}.<protocol>.parquet``) and TensorBoard scalars into the run folder.
 
 The story on the driver's console (rank 0, plain log lines that ``ray job logs`` shows too): a
 step-progress line every ``log_every_s`` seconds of a long epoch (step i/n, loss terms, samples/s,
@@ -30,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from umaf import distributed, storage
 from umaf.train.checkpoint import load_best, load_checkpoint_dir, model_card, save_best, save_checkpoint_dir
 from umaf.train.config import TrainConfig
 from umaf.train.method import Method, StepContext, get_method
 from umaf.train.metrics import classification_metrics, scalar_metrics
+from umaf.train.order import epoch_batches, source_order, steps_per_epoch
 
 # Train V2 gives the worker's root logger a console handler at INFO: these lines reach the driver.
 log = logging.getLogger("umaf.train")
@@ -62,16 +66,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate(method: Method, model: torch.nn.Module, batches, device: torch.device, autocast_ctx) -> dict[str, np.ndarray]:
-    """Predict every batch in order: ids, labels, predicted labels and class probabilities."""
+def evaluate(method: Method, model: torch.nn.Module, batches, device: torch.device, autocast_ctx,
+             context: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Predict every batch in order: ids, labels, predicted labels and class probabilities. With
+    ``context`` (numpy rows: the train_context protocol's training pairs) each batch is run with the
+    context appended and every row of it predicted with the context alone as batch-mates."""
     ids, labels, probs = [], [], []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            tensors = method.collate(batch, device)
+            n = len(batch["id"])
+            feed = batch if context is None else {k: np.concatenate([np.asarray(batch[k]), np.asarray(context[k])])
+                                                   for k in batch}
+            tensors = method.collate(feed, device)
             with autocast_ctx():
-                logits, _ = method.predict(model, tensors)
+                if context is None:
+                    logits, _ = method.predict(model, tensors)
+                else:
+                    logits, _ = method.predict_isolated(model, tensors, n)
             # Stays on the device: one copy at the end instead of a GPU sync per batch.
             probs.append(torch.softmax(logits.float(), dim=-1))
             labels.append(np.asarray(batch["label"], dtype=np.int64))
@@ -176,6 +189,12 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _f1s_text(metrics: dict[str, Any], prefix: str) -> str:
+    """The F1s side by side: sklearn's weighted and macro F1, and the UMAF paper's (weighted P/R's harmonic mean)."""
+    names = (("weighted_f1", "weighted F1"), ("macro_f1", "macro F1"), ("f1_of_weighted_pr", "F1 of weighted P/R"))
+    return ", ".join(f"{label} {metrics[prefix + key]:.4f}" for key, label in names if prefix + key in metrics)
+
+
 def _terms_text(terms: dict[str, float]) -> str:
     ordered = (["loss"] if "loss" in terms else []) + sorted(k for k in terms if k != "loss")
     return " ".join(f"{k} {terms[k]:.4g}" for k in ordered)
@@ -218,16 +237,80 @@ class StepProgress:
         self.last, self.last_values, self.last_count = now, values, self.sums.count
 
 
-class TorchCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate function: a method's numpy batch → CPU tensors. Ray runs it in its
-    prefetch threads, pins the result when asked and copies it to the worker's device."""
+def numpy_batch(table: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of a materialised split (by position) as the numpy batch Ray Data would give."""
+    from ray.data.block import BlockAccessor
 
-    def __init__(self, method: Method):
-        self.method = method
-        self.cpu = torch.device("cpu")
+    return BlockAccessor.for_block(table.take(pa.array(np.asarray(rows, dtype=np.int64)))).to_batch_format("numpy")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return self.method.collate(batch, self.cpu)
+
+def split_table(refs: list) -> pa.Table:
+    """A materialised split from its block references: on this node, zero-copy from the object store."""
+    import ray
+
+    tables = ray.get(list(refs))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def train_batches(table: pa.Table, parts: list[np.ndarray], method: Method, device: torch.device, prefetch: int,
+                  pin: bool):
+    """This rank's batches of an epoch, collated (and pinned) ``prefetch`` batches ahead in a thread while
+    the step runs, then copied to the device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpu = torch.device("cpu")
+
+    def make(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        tensors = method.collate(numpy_batch(table, rows), cpu)
+        return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="umaf-batches") as pool:
+        pending = [pool.submit(make, rows) for rows in parts[: prefetch + 1]]
+        for index in range(len(parts)):
+            tensors = pending.pop(0).result()
+            if index + prefetch + 1 < len(parts):
+                pending.append(pool.submit(make, parts[index + prefetch + 1]))
+            yield {k: v.to(device, non_blocking=pin) for k, v in tensors.items()}
+
+
+class EvalSplits:
+    """Rank 0's dev/test evaluation under a protocol (:mod:`umaf.train.order`), from the materialised splits."""
+
+    def __init__(self, method: Method, cfg: TrainConfig, loop_config: dict[str, Any], tables: dict[str, pa.Table]):
+        self.method, self.cfg, self.tables = method, cfg, tables
+        self.batch_dependent = method.eval_depends_on_batch(cfg)
+        self.source_order = {}
+        for split, positions in loop_config.get("source_positions", {}).items():
+            ids = tables[split]["id"].to_pylist()
+            self.source_order[split] = source_order([positions.get(i) for i in ids])
+        self.context = None
+        context_ids = (loop_config.get("context") or {}).get("ids")
+        if self.batch_dependent and context_ids:
+            where = {pair_id: row for row, pair_id in enumerate(tables["train"]["id"].to_pylist())}
+            self.context = numpy_batch(tables["train"], np.array([where[i] for i in context_ids]))
+
+    def batches(self, split: str, protocol: str):
+        table, size = self.tables[split], self.cfg.eval_batch_size
+        order = self.source_order.get(split) if protocol == "official_order" else None
+        order = np.arange(table.num_rows) if order is None else order
+        for start in range(0, len(order), size):
+            yield numpy_batch(table, order[start:start + size])
+
+    def evaluate(self, module: torch.nn.Module, split: str, protocol: str, device: torch.device, autocast_ctx):
+        context = self.context if protocol == "train_context" and self.batch_dependent else None
+        return evaluate(self.method, module, self.batches(split, protocol), device, autocast_ctx, context)
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda (NVIDIA H200)`` or ``cpu``: what a run records it trained on."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+def device_memory(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory this process allocated so far (MiB): proof the work ran on the GPU, and its size."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def _read_history(run_uri: str, storage_kw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -282,10 +365,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     module = model.module if hasattr(model, "module") else model
 
     optimizer = torch.optim.AdamW(method.param_groups(module, cfg), weight_decay=cfg.weight_decay)
-    per_worker = cfg.per_worker_batch_size()
-    # Train V2 splits the train set evenly (equal=True), so every rank runs the same number of steps.
-    steps_per_epoch = max(1, math.ceil(loop_config["n_train"] / world / per_worker))
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    # Every epoch is a full permutation of the training split, cut into global batches; each rank runs
+    # its part of every one (umaf.train.order), so all ranks take the same number of steps.
+    train_table = split_table(loop_config["refs"]["train"])
+    n_train = train_table.num_rows
+    steps = max(1, steps_per_epoch(n_train, cfg.batch_size, world))
+    scheduler = build_scheduler(optimizer, cfg, steps)
 
     start_epoch, global_step, best_value, best_epoch = 0, 0, -math.inf, -1
     resumed_from = None
@@ -299,35 +384,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     step_ctx = StepContext(
         optimizer=optimizer, device=device, config=cfg, global_step=global_step,
-        autocast_dtype=torch.bfloat16 if on_gpu else None, grad_clip=cfg.grad_clip,
+        autocast_dtype=torch.bfloat16 if on_gpu and cfg.resolved_precision == "bf16" else None, grad_clip=cfg.grad_clip,
         on_optimizer_step=(None if cfg.scheduler == "step" else scheduler.step),
     )
     tb = TensorBoard(run_uri, storage_kw) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
+    eval_splits = None
+    if rank == 0:
+        tables = {"train": train_table, **{split: split_table(loop_config["refs"][split]) for split in ("dev", "test")}}
+        eval_splits = EvalSplits(method, cfg, loop_config, tables)
 
     run_started, epochs_run = time.perf_counter(), 0
     exported = False  # the method's export files (tokenizer, configs) go into best/ once per process
     if rank == 0:
         log.info("training %s: %d epochs (from epoch %d), %d train rows, %d worker(s) on %s, global batch %d, "
-                 "%d steps per epoch", cfg.model, cfg.epochs, start_epoch + 1, loop_config["n_train"], world,
-                 device.type, cfg.batch_size, steps_per_epoch)
+                 "%d steps per epoch", cfg.model, cfg.epochs, start_epoch + 1, n_train, world,
+                 device.type, cfg.batch_size, steps)
     for epoch in range(start_epoch, cfg.epochs):
         step_ctx.epoch = epoch
         torch.manual_seed(cfg.seed + 1000 * epoch + rank)  # dropout etc.: reproducible after a resume
         model.train()
-        epoch_started = time.perf_counter()
+        epoch_started, epoch_started_at = time.perf_counter(), time.time()
         sums = LossSums(device)
-        progress = StepProgress(sums, cfg.log_every_s, epoch, cfg.epochs, steps_per_epoch, world, tb) if rank == 0 else None
-        # Ray Data collates (the method's numpy → tensors) and, on a GPU, pins and copies the next
-        # batches in its prefetch threads while this thread runs the step.
-        batches = train_shard.iter_torch_batches(
-            batch_size=per_worker, prefetch_batches=cfg.prefetch_batches,
-            collate_fn=TorchCollate(method), device=device, pin_memory=on_gpu,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed + epoch) if cfg.shuffle_buffer else None,
-        )
-        step = 0
-        for step, tensors in enumerate(batches, 1):
+        progress = StepProgress(sums, cfg.log_every_s, epoch, cfg.epochs, steps, world, tb) if rank == 0 else None
+        # This rank's part of each global batch of the epoch's permutation; a thread collates (the
+        # method's numpy → tensors) and, on a GPU, pins the next batches while this thread runs the step.
+        parts = epoch_batches(n_train, cfg.batch_size, world, rank, cfg.seed, epoch)
+        batches = train_batches(train_table, parts, method, device, cfg.prefetch_batches, pin=on_gpu)
+        step, data_wait = 0, 0.0
+        batch_iter = iter(batches)
+        while True:
+            # Time blocked waiting for the next batch (the first includes the epoch's data start-up):
+            # near 0 when the prefetch thread keeps ahead of the step; the share of the epoch it takes
+            # is the input-bound part of the run.
+            waited = time.perf_counter()
+            tensors = next(batch_iter, None)
+            data_wait += time.perf_counter() - waited
+            if tensors is None:
+                break
+            step += 1
             terms = method.train_step(model, tensors, step_ctx)
             sums.add(terms, int(tensors["labels"].shape[0]))
             if progress is not None:
@@ -337,19 +431,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.scheduler == "step":
             scheduler.step()
         train_terms, samples = sums.mean_over_ranks()
+        method_values, notes = method.end_epoch(cfg, epoch)  # SPP-SCL: step2_fire_rate
+        train_terms.update(method_values)
+        for note in notes if rank == 0 else []:
+            log.warning(note)
         train_seconds = time.perf_counter() - epoch_started
 
+        # Wall-clock bounds of the training iterations (not eval): benches read GPU busy samples
+        # inside them, and concurrent Tune trials prove they overlapped from these alone.
         metrics: dict[str, Any] = {"epoch": epoch, "global_step": step_ctx.global_step,
                                    "train_samples_per_s": samples / max(train_seconds, 1e-9),
+                                   "train_started_at": epoch_started_at, "train_ended_at": epoch_started_at + train_seconds,
+                                   "train_data_wait_s": data_wait,
+                                   **device_memory(device),
                                    **{f"train_{k}": v for k, v in train_terms.items()}}
         for group in optimizer.param_groups:
             metrics[f"lr_{group.get('name', 'group')}"] = group["lr"]
         with tempfile.TemporaryDirectory(prefix="umaf-ckpt-") as folder:
             ckpt = None
             if rank == 0:
-                dev = evaluate(method, module, ray.train.get_dataset_shard("dev").iter_batches(
-                    batch_size=cfg.eval_batch_size, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
-                    device, step_ctx.autocast)
+                dev = eval_splits.evaluate(module, "dev", cfg.eval.protocol, device, step_ctx.autocast)
                 dev_metrics = classification_metrics(dev["label"], dev["pred"], label_names)
                 metrics.update(scalar_metrics(dev_metrics, "dev_"))
                 value = metrics.get(f"dev_{best_metric}", -math.inf)
@@ -368,7 +469,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tb.scalars({f"train/{k}": v for k, v in train_terms.items()}, epoch)
                 tb.scalars({k.replace("dev_", "dev/", 1): v for k, v in metrics.items() if k.startswith("dev_")}, epoch)
                 tb.scalars({f"lr/{k[3:]}": v for k, v in metrics.items() if k.startswith("lr_")}, epoch)
-                tb.scalars({"train/samples_per_s": metrics["train_samples_per_s"]}, epoch)
+                tb.scalars({"train/samples_per_s": metrics["train_samples_per_s"],
+                            "train/data_wait_s": metrics["train_data_wait_s"]}, epoch)
                 tb.flush()
                 _append_history(run_uri, metrics, storage_kw)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -377,11 +479,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             now = time.perf_counter()
             elapsed = now - run_started
             eta = elapsed / epochs_run * (cfg.epochs - epoch - 1)
-            log.info("epoch %d/%d | train %s | dev %s %.4f (best %.4f, epoch %d) | %.1f samples/s | "
+            log.info("epoch %d/%d | train %s | dev %s %.4f (best %.4f, epoch %d; %s) | %.1f samples/s | "
                      "epoch %s (eval+checkpoint %s) | elapsed %s | ETA %s", epoch + 1, cfg.epochs,
                      _terms_text(train_terms), best_metric, metrics.get(f"dev_{best_metric}", float("nan")),
-                     best_value, best_epoch + 1, metrics["train_samples_per_s"], _duration(now - epoch_started),
-                     _duration(now - epoch_started - train_seconds), _duration(elapsed), _duration(eta))
+                     best_value, best_epoch + 1, _f1s_text(metrics, "dev_"), metrics["train_samples_per_s"],
+                     _duration(now - epoch_started), _duration(now - epoch_started - train_seconds),
+                     _duration(elapsed), _duration(eta))
 
     if epochs_run == 0 and resumed_from is not None:
         # Resumed from the last epoch's checkpoint (the driver died during the final test pass): no
@@ -392,7 +495,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if rank == 0:
         _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
-                loop_config, resumed_from, tb)
+                loop_config, resumed_from, tb, eval_splits)
 
 
 def _save_best(cfg: TrainConfig, method: Method, module: torch.nn.Module, loop_config: dict[str, Any],
@@ -400,6 +503,11 @@ def _save_best(cfg: TrainConfig, method: Method, module: torch.nn.Module, loop_c
     """``<run>/best/``: the weights and state, the model card, and (first time) the method's files."""
     card = model_card(cfg, loop_config["label_names"], loop_config["task"], loop_config["dataset"], best_metric,
                       method.model_card(cfg))
+    if method.eval_depends_on_batch(cfg):
+        # How the predict job batches this model as the run evaluated it: under train_context, with these
+        # training pairs (raw rows: the predict job computes their features as its own rows').
+        card["eval"] = {"protocol": cfg.eval.protocol, "batch_size": cfg.eval_batch_size,
+                        "context_rows": (loop_config.get("context") or {}).get("rows") or []}
     with tempfile.TemporaryDirectory(prefix="umaf-export-") as files:
         if not exported:
             method.export_files(module, cfg, Path(files))
@@ -407,26 +515,55 @@ def _save_best(cfg: TrainConfig, method: Method, module: torch.nn.Module, loop_c
                   **storage_kw)
 
 
+GAP_METRICS = ("accuracy", "weighted_f1", "macro_f1", "f1_of_weighted_pr", "weighted_precision", "weighted_recall")
+
+
 def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_metric, storage_kw,
-            loop_config, resumed_from, tb) -> None:
-    """Rank 0: test metrics of the best model, predictions, metrics.json."""
-    import ray.train
+            loop_config, resumed_from, tb, eval_splits: EvalSplits) -> None:
+    """Rank 0: dev/test metrics of the best model under the reported protocol (and the other one, with
+    the gap, where batch-mates matter), predictions, metrics.json."""
+    import ray.train  # noqa: F401 - the loop runs inside Ray Train
 
     best_state = load_best(run_uri, module, **storage_kw) or {}
-    results: dict[str, Any] = {}
-    for split in ("dev", "test"):
-        method.observe_eval(split)
-        pred = evaluate(method, module, ray.train.get_dataset_shard(split).iter_batches(
-            batch_size=cfg.eval_batch_size, batch_format="numpy"), device, step_ctx.autocast)
-        method.observe_eval(None)
-        results[split] = classification_metrics(pred["label"], pred["pred"], label_names)
-        buffer = pa.BufferOutputStream()
-        pq.write_table(predictions_table(pred, split, label_names), buffer)
-        storage.write_bytes_atomic(storage.join(run_uri, "predictions", f"{split}.parquet"),
-                                   buffer.getvalue().to_pybytes(), **storage_kw)
-    method_outputs = method.finish(
-        module, cfg, lambda split: ray.train.get_dataset_shard(split).iter_batches(
-            batch_size=cfg.eval_batch_size, batch_format="numpy"), label_names, device, run_uri, storage_kw)
+    default = cfg.eval.protocol
+    other = "official_order" if default == "train_context" else "train_context"
+    compare = eval_splits.batch_dependent and cfg.eval.compare
+    results: dict[str, dict[str, Any]] = {default: {}, other: {}}
+    for protocol in (default, other) if compare else (default,):
+        for split in ("dev", "test"):
+            if protocol == default:
+                method.observe_eval(split)
+            pred = eval_splits.evaluate(module, split, protocol, device, step_ctx.autocast)
+            method.observe_eval(None)
+            results[protocol][split] = classification_metrics(pred["label"], pred["pred"], label_names)
+            # The reported protocol's predictions keep their names (experiments read them); the other's
+            # go beside them as <split>.<protocol>.parquet.
+            name = f"{split}.parquet" if protocol == default else f"{split}.{protocol}.parquet"
+            buffer = pa.BufferOutputStream()
+            pq.write_table(predictions_table(pred, split, label_names), buffer)
+            storage.write_bytes_atomic(storage.join(run_uri, "predictions", name), buffer.getvalue().to_pybytes(),
+                                       **storage_kw)
+    method_outputs = method.finish(module, cfg, lambda split: eval_splits.batches(split, "official_order"), label_names,
+                                   device, run_uri, storage_kw)
+    eval_facts: dict[str, Any] = {
+        "protocol": default, "eval_batch_size": cfg.eval_batch_size, "batch_dependent": eval_splits.batch_dependent,
+        "official_order_from": loop_config.get("official_order_from"),
+        "context": ({"training_pairs": len(eval_splits.context["id"]), "seed": cfg.seed}
+                    if eval_splits.context is not None else None),
+    }
+    if compare:
+        other_protocol = {"protocol": other, "dev": results[other]["dev"], "test": results[other]["test"],
+                          "predictions": {split: f"predictions/{split}.{other}.parquet" for split in ("dev", "test")}}
+        sign = 1 if other == "official_order" else -1  # the gap is always official_order minus train_context
+        gap = {split: {k: sign * (results[other][split][k] - results[default][split][k]) for k in GAP_METRICS}
+               for split in ("dev", "test")}
+    else:
+        why = ("predictions do not depend on batch-mates" if not eval_splits.batch_dependent
+               else "eval.compare=false")
+        other_protocol = {"protocol": other, "computed": False, "why": why,
+                          "same_as_reported": not eval_splits.batch_dependent}
+        gap = {split: ({k: 0.0 for k in GAP_METRICS} if not eval_splits.batch_dependent else None)
+               for split in ("dev", "test")}
     summary = {
         "model": cfg.model,
         "dataset": loop_config["dataset"],
@@ -437,12 +574,19 @@ def _finish(cfg, method, module, device, step_ctx, label_names, run_uri, best_me
         "epochs": cfg.epochs,
         "resumed_from_epoch": resumed_from,
         "world_size": distributed.world_size(),
-        "dev": results["dev"],
-        "test": results["test"],
+        "device": device_name(device),
+        **device_memory(device),
+        "eval": eval_facts,
+        "dev": results[default]["dev"],
+        "test": results[default]["test"],
+        "other_protocol": other_protocol,
+        "protocol_gap": {"definition": "official_order minus train_context", **gap},
         "majority_baseline": loop_config.get("majority_baseline"),
         "data": loop_config.get("data_report"),
         "method": method_outputs,
     }
     storage.write_json_atomic(storage.join(run_uri, "metrics.json"), summary, **storage_kw)
-    tb.scalars({f"test/{k}": v for k, v in scalar_metrics(results["test"], "").items()}, cfg.epochs)
+    tb.scalars({f"test/{k}": v for k, v in scalar_metrics(results[default]["test"], "").items()}, cfg.epochs)
+    if compare:
+        tb.scalars({f"test_{other}/{k}": v for k, v in scalar_metrics(results[other]["test"], "").items()}, cfg.epochs)
     tb.close()

@@ -7,9 +7,11 @@ checkpoints and our files sit together::
     <out>/data_report.json           pairs per split, with/without caption, dropped
     <out>/checkpoint_*/              Ray Train checkpoints (latest + best kept)
     <out>/best/model.safetensors, model.json, state.json, tokenizer/...  best model (the run's export)
-    <out>/metrics.json               dev + test metrics of the best model, majority baseline
+    <out>/metrics.json               dev + test metrics of the best model (reported protocol), the other
+                                     protocol's and the gap, majority baseline
     <out>/history.json               every epoch's reported metrics (loss terms, dev metrics, LRs, samples/s)
-    <out>/predictions/{dev,test}.parquet
+    <out>/predictions/{dev,test}.parquet    the reported evaluation protocol's (eval.protocol); SPP-SCL also
+    <out>/predictions/{dev,test}.<other protocol>.parquet, e.g. test.official_order.parquet
     <out>/tensorboard/               scalars (loss terms, metrics, learning rates)
 
 Rerunning with the same ``out`` resumes from the latest checkpoint.
@@ -24,16 +26,18 @@ import posixpath
 import time
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from umaf import storage
 from umaf.config import dump_yaml
 from umaf.errors import UserError
-from umaf.raycluster import job_env_vars, ray_connection
-from umaf.data.manifest import label_column, read_manifest
+from umaf.raycluster import driver_runtime_env, ray_connection
+from umaf.data.manifest import SOURCE_INDEX, label_column, read_manifest
 from umaf.train.config import TrainConfig
 from umaf.train.method import get_method
 from umaf.train.metrics import majority_baseline
+from umaf.train.order import context_draw
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,11 @@ def prepare_datasets(cfg: TrainConfig) -> dict[str, Any]:
     table = manifest.table
     table = table.append_column("label", table[label_column(task)])
     prepared = method.prepare_table(table, cfg, label_column(task))
-    raw, counts, labels = {}, {}, {}
+    # The official evaluation order: each row's position in its source file (None: an older manifest).
+    has_source_index = SOURCE_INDEX in table.column_names and table[SOURCE_INDEX].null_count < table.num_rows
+    source_index = dict(zip(table["id"].to_pylist(), table[SOURCE_INDEX].to_pylist())) if has_source_index else {}
+    raw, counts, labels, source_positions = {}, {}, {}, {}
+    context: dict[str, Any] = {}
     for split in ("train", "dev", "test"):
         part = prepared.table.filter(pc.equal(prepared.table["split"], split))
         if cfg.max_rows_per_split:
@@ -91,16 +99,35 @@ def prepare_datasets(cfg: TrainConfig) -> dict[str, Any]:
         counts[split] = part.num_rows
         labels[split] = part["label"].to_numpy()
         raw[split] = ray.data.from_arrow(part)
+        if split != "train":
+            source_positions[split] = {i: source_index.get(i) for i in part["id"].to_pylist()}
+        elif method.eval_depends_on_batch(cfg):
+            # The train_context protocol's training pairs: drawn once, from the seed; their raw rows go
+            # into the model card, so the predict job completes its batches with the same pairs.
+            rows = part.take(pa.array(context_draw(part.num_rows, cfg.eval_batch_size, cfg.seed)))
+            keep = [c for c in ("id", "text", "image", "image_ok", "label") if c in rows.column_names]
+            context = {"ids": rows["id"].to_pylist(), "rows": rows.select(keep).to_pylist(), "seed": cfg.seed}
+    if not has_source_index:
+        logger.warning("manifest %s has no source_index column (made before it existed): the official_order "
+                       "evaluation protocol runs the splits in manifest order; rerun jobs/prepare.py to keep the "
+                       "source files' order", cfg.manifest)
     started = time.time()
     with quiet_datasets():
         # All splits at once (SPP-SCL loads its frozen encoders once for all of them). Materialise
         # once: tokenisation / feature extraction must not rerun every epoch.
         datasets = {split: ds.materialize() for split, ds in method.preprocess_splits(raw, cfg).items()}
+    # Train workers read the materialised blocks themselves (zero-copy from the object store): rank r
+    # takes its part of each global batch of the epoch's permutation by row (umaf.train.order).
+    refs = {split: ds.to_arrow_refs() for split, ds in datasets.items()}
     logger.info("prepared %s: %d train, %d dev, %d test pairs in %.1fs", cfg.model, counts["train"], counts["dev"],
                 counts["test"], time.time() - started)
     label_names = manifest.labels[task]
     return {
         "datasets": datasets,
+        "refs": refs,
+        "source_positions": source_positions,
+        "official_order_from": "source_index" if has_source_index else "manifest order (the manifest has no source_index)",
+        "context": context,
         "task": task,
         "dataset": manifest.dataset,
         "label_names": label_names,
@@ -133,7 +160,7 @@ def quiet_datasets():
 
 
 def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None = None):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from umaf.train.loop import train_loop_per_worker
@@ -144,6 +171,8 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker or 1
+    if cfg.node_resource:  # e.g. train_node: workers only on the training node type (one unit per GPU)
+        resources[cfg.node_resource] = resources.get("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -156,6 +185,10 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
             "best_metric": best_metric,
             "majority_baseline": data["majority_baseline"],
             "data_report": data["report"],
+            "refs": data["refs"],
+            "source_positions": data["source_positions"],
+            "official_order_from": data["official_order_from"],
+            "context": data["context"],
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
@@ -170,14 +203,12 @@ def build_trainer(cfg: TrainConfig, data: dict[str, Any], callbacks: list | None
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": job_env_vars()},
+            worker_runtime_env=driver_runtime_env(cfg.ray),
             # Ray Train's INFO lines (every report, every checkpoint, per worker) would drown the
             # run's own per-epoch lines; warnings and errors still show, and the files keep all.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets=data["datasets"],
-        # Only train is sharded; rank 0 evaluates dev/test whole, in a fixed order.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # No Ray Data iterators in the workers: they read the materialised blocks (loop_config["refs"]).
     )
 
 
@@ -186,7 +217,29 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, A
     cfg = resolve_inputs(cfg)
     check_locations(cfg)  # before Ray starts: a wrong URI is said in a second, not after a minute
     with ray_connection(cfg.ray):
-        return _run(cfg, callbacks)
+        return _run(placeable(cfg), callbacks)
+
+
+def placeable(cfg: TrainConfig) -> TrainConfig:
+    """``node_resource`` (the paper presets' ``train_node``) names a node type of a real cluster. On a
+    Ray this job started on one machine, no node offers it and no autoscaler will add one, so the
+    workers would wait forever: there it is dropped, saying so. A joined cluster keeps it (its
+    autoscaler starts such nodes); a line says the workers wait for one."""
+    if not cfg.node_resource:
+        return cfg
+    import ray
+
+    from umaf.raycluster import cluster_address
+
+    if ray.cluster_resources().get(cfg.node_resource):
+        return cfg
+    if cluster_address(cfg.ray) is None:
+        logger.info("node_resource=%s: no node of this one-machine Ray offers it, so the workers run on any node",
+                    cfg.node_resource)
+        return cfg.model_copy(update={"node_resource": None})
+    logger.info("node_resource=%s: no node offers it yet; the workers wait for the autoscaler to start one "
+                "(node_resource=null runs them on any node)", cfg.node_resource)
+    return cfg
 
 
 def check_locations(cfg: TrainConfig) -> None:
@@ -200,10 +253,25 @@ def check_locations(cfg: TrainConfig) -> None:
     storage.require_folder(cfg.out, "run folder", **kw)
 
 
+def pin_caption_fingerprint(cfg: TrainConfig) -> TrainConfig:
+    """The run's caption set, chosen once (given, or the only one at ``captions``) and written into its
+    config: config.yaml, the checkpoints' model card and a resumed run all name the same set, even
+    after another set is captioned into the same folder."""
+    if cfg.model != "umaf" or not cfg.umaf.uses_captions or not cfg.captions:
+        return cfg
+    from umaf.caption.store import resolve_fingerprint
+
+    chosen = resolve_fingerprint(cfg.captions, cfg.caption_fingerprint, endpoint_url=cfg.storage.endpoint_url,
+                                 region=cfg.storage.region)
+    return cfg.model_copy(update={"caption_fingerprint": chosen})
+
+
 def _run(cfg: TrainConfig, callbacks: list | None) -> dict[str, Any]:
     kw = {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
+    cfg = pin_caption_fingerprint(cfg)
     logger.info("train %s: manifest %s%s → run folder %s", cfg.model, cfg.manifest,
-                f" + captions {cfg.captions}" if cfg.model == "umaf" and cfg.captions and cfg.umaf.uses_captions else "",
+                f" + captions {cfg.captions} (set {cfg.caption_fingerprint})"
+                if cfg.model == "umaf" and cfg.captions and cfg.umaf.uses_captions else "",
                 cfg.out)
     storage.write_text_atomic(storage.join(cfg.out, "config.yaml"), dump_yaml(cfg), **kw)
     data = prepare_datasets(cfg)
