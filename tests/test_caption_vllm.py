@@ -24,7 +24,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pyarrow.compute as pc
 import pytest
 
 from ray_head import free_port, job_runtime_env_vars, wait_for_driver

@@ -357,7 +357,6 @@ class HFCaptioner:
                  self.backend.model_name, self.backend.device, time.perf_counter() - start)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.perf_counter()
         ids = batch["id"].to_pylist()
         errors = batch["error"].to_pylist()
         shas = batch["image_sha256"].to_pylist()
