@@ -83,7 +83,13 @@ def two_step_update(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lab
     if needs_inter_alignment(out2.text_p, out2.image_p, labels, config.alpha, config.resolved_alignment_check):
         l_clm = supcon_cross_loss(distributed.gather_with_grad(out2.text_p).float(),
                                   distributed.gather_with_grad(out2.image_p).float(), labels_all, tau, compat, positives)
-        ctx.backward_step(l_clm)  # lines 13–14
+        step2_loss = l_clm
+        if official and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # DDP marks the classifier used (the full forward reached its logits) and waits for its
+            # gradients, which L_clm never produces: a zero-weighted logits term hands it zeros, the
+            # gradient the released code's step 2 gives it anyway (zero_grad to 0, see above).
+            step2_loss = l_clm + 0.0 * out2.logits.float().sum()
+        ctx.backward_step(step2_loss)  # lines 13–14
         return {**terms, "l_clm": l_clm.detach(), "loss": loss1.detach() + l_clm.detach(), "step2": 1.0}
     return {**terms, "l_clm": 0.0, "loss": loss1.detach(), "step2": 0.0}
 
