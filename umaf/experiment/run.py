@@ -102,10 +102,12 @@ def cell_configs(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """Every trained cell's TrainConfig (as JSON), its run folder set, the demo data (datasets without a
     manifest) written once, and frozen-encoder caches pointed at one folder shared by every cell."""
     from umaf.data.demo import write_demo
+    from umaf.train.run import pin_caption_fingerprint
 
     kw = _kw(cfg)
     root = experiment_uri(cfg)
     demo = None
+    pinned: dict[str, str] = {}
     cache = storage.join(root, "feature_cache")
     out: dict[str, dict[str, Any]] = {}
     for cell in cfg.cells():
@@ -126,7 +128,14 @@ def cell_configs(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
         update["umaf"] = train.umaf.model_copy(update={"image_cache_dir": train.umaf.image_cache_dir or cache,
                                                        "text_cache_dir": train.umaf.text_cache_dir or cache})
         update["sppscl"] = train.sppscl.model_copy(update={"cache_dir": train.sppscl.cache_dir or cache})
-        out[cell.key] = train.model_copy(update=update).model_dump(mode="json")
+        train = train.model_copy(update=update)
+        # The caption set is chosen here, once per captions folder, not when each cell starts: every
+        # cell of a dataset reads the same set, and a resumed cell is compared against the set it ran.
+        if train.reads_captions and train.caption_fingerprint is None:
+            if train.captions not in pinned:
+                pinned[train.captions] = pin_caption_fingerprint(train).caption_fingerprint
+            train = train.model_copy(update={"caption_fingerprint": pinned[train.captions]})
+        out[cell.key] = train.model_dump(mode="json")
     return out
 
 

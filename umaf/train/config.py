@@ -133,6 +133,11 @@ class TrainConfig(StrictModel):
         return self
 
     @property
+    def reads_captions(self) -> bool:
+        """Whether this run joins a caption set (UMAF with captions on, and a captions folder)."""
+        return self.model == "umaf" and self.umaf.uses_captions and bool(self.captions)
+
+    @property
     def resolved_precision(self) -> Precision:
         if self.precision:
             return self.precision

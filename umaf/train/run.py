@@ -257,7 +257,7 @@ def pin_caption_fingerprint(cfg: TrainConfig) -> TrainConfig:
     """The run's caption set, chosen once (given, or the only one at ``captions``) and written into its
     config: config.yaml, the checkpoints' model card and a resumed run all name the same set, even
     after another set is captioned into the same folder."""
-    if cfg.model != "umaf" or not cfg.umaf.uses_captions or not cfg.captions:
+    if not cfg.reads_captions:
         return cfg
     from umaf.caption.store import resolve_fingerprint
 
@@ -271,7 +271,7 @@ def _run(cfg: TrainConfig, callbacks: list | None) -> dict[str, Any]:
     cfg = pin_caption_fingerprint(cfg)
     logger.info("train %s: manifest %s%s → run folder %s", cfg.model, cfg.manifest,
                 f" + captions {cfg.captions} (set {cfg.caption_fingerprint})"
-                if cfg.model == "umaf" and cfg.captions and cfg.umaf.uses_captions else "",
+                if cfg.reads_captions else "",
                 cfg.out)
     storage.write_text_atomic(storage.join(cfg.out, "config.yaml"), dump_yaml(cfg), **kw)
     data = prepare_datasets(cfg)
