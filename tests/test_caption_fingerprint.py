@@ -113,3 +113,19 @@ def test_hub_revision_is_a_commit_from_the_config_or_the_hub_cache(tmp_path, mon
     assert resolve_hub_revision("Org/VLM", "v2") == "c" * 40
     spec = caption_fingerprint(CaptionConfig(model="Org/VLM", model_revision="v2")).spec
     assert json.dumps(spec["model"]) == json.dumps({"hub": "Org/VLM", "revision": "c" * 40})
+
+
+def test_duplicate_rows_are_found_in_blocks_whose_error_column_is_all_null():
+    """Ray Data types a block's all-null ``error`` column as null; the writer's duplicate split must read
+    such a block (none marked) and a mixed one (the marked row's request key, the rest written now)."""
+    import pyarrow as pa
+
+    from umaf.caption.pipeline import DUPLICATE_REQUEST, split_duplicates
+
+    clean = pa.table({"id": ["a", "b"], "status": ["ok", "ok"], "error": pa.nulls(2)})
+    kept, pending = split_duplicates(clean)
+    assert kept.num_rows == 2 and pending == []
+    mixed = pa.table({"id": ["a", "b", "c"], "status": ["ok", "error", "error"],
+                      "error": [None, f"{DUPLICATE_REQUEST}key-1", "timeout"]})
+    kept, pending = split_duplicates(mixed)
+    assert kept["id"].to_pylist() == ["a", "c"] and pending == [("b", "key-1")]

@@ -16,6 +16,8 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,22 @@ S3_CONNECT_TIMEOUT_S = 5.0
 def forwarded_env() -> dict[str, str]:
     """The driver's non-secret storage settings, for a runtime env's ``env_vars``."""
     return {name: os.environ[name] for name in FORWARDED_ENV_VARS if os.environ.get(name)}
+
+
+@contextmanager
+def scoped_env(env_vars: Mapping[str, str]):
+    """``env_vars`` set in this process for the block, the previous values back afterwards: for a
+    library that reads the store's address from the environment only (boto3 inside ray.data.llm)."""
+    saved = {name: os.environ.get(name) for name in env_vars}
+    os.environ.update(env_vars)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def is_s3(uri: str) -> bool:

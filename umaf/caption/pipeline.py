@@ -289,11 +289,15 @@ def done_request_keys(uris: list[str], fingerprint: str, **storage_kw) -> tuple[
 
 def split_duplicates(batch: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
     """A batch of caption rows → (rows to write now, ``(id, request key)`` of rows to copy later)."""
-    marked = pc.fill_null(pc.and_(pc.equal(batch["status"], STATUS_ERROR),
-                                  pc.starts_with(batch["error"], DUPLICATE_REQUEST)), False)
+    # A block whose rows all have no error arrives with a null-typed column (Ray Data infers it from
+    # the values): as strings, the test reads it the same way for every block.
+    errors = batch["error"].cast(pa.string())
+    marked = pc.fill_null(pc.and_(pc.equal(batch["status"].cast(pa.string()), STATUS_ERROR),
+                                  pc.starts_with(errors, DUPLICATE_REQUEST)), False)
     if not pc.any(marked).as_py():
         return batch, []
-    dupes = batch.filter(marked)
+    dupes = batch.filter(marked).set_column(batch.schema.get_field_index("error"), "error",
+                                            errors.filter(marked))
     pending = [(pair_id, error[len(DUPLICATE_REQUEST):])
                for pair_id, error in zip(dupes["id"].to_pylist(), dupes["error"].to_pylist())]
     return batch.filter(pc.invert(marked)), pending
@@ -398,11 +402,16 @@ def _vllm_stage(loaded, config: CaptionConfig):
 
     from umaf.caption.llm_stages import guard_cpu_stages
 
-    processor = build_processor(
-        vllm_processor_config(config),
-        preprocess=partial(vllm_request, config=config),
-        postprocess=partial(vllm_output_to_caption, config=config),
-    )
+    processor_config = vllm_processor_config(config)
+    # build_processor downloads an s3:// model's tokenizer here, in the driver, through boto3, which
+    # reads the store's address from the environment only: give the driver the same env_vars as the
+    # actors, or storage.endpoint_url=MinIO would send that download to AWS.
+    with storage.scoped_env((processor_config.runtime_env or {}).get("env_vars", {})):
+        processor = build_processor(
+            processor_config,
+            preprocess=partial(vllm_request, config=config),
+            postprocess=partial(vllm_output_to_caption, config=config),
+        )
     guard_cpu_stages(processor)  # a row that breaks a CPU stage becomes an error row, not a failed job
     return processor(loaded).map(
         vllm_error_to_caption, fn_kwargs={"model": model_label(config), "sampling_json": config.sampling.as_json()})
