@@ -44,7 +44,8 @@ def _train_workers():
 
     cfg = TrainConfig(out="/tmp/umaf-secret-test-run")
     data = {"label_names": ["a", "b"], "task": "t", "dataset": "demo", "n_train": 1, "report": {},
-            "majority_baseline": {}, "datasets": {}}
+            "majority_baseline": {}, "datasets": {}, "refs": {}, "source_positions": {},
+            "official_order_from": "source_index", "context": None}
     return build_trainer(cfg, data).run_config.worker_runtime_env
 
 

@@ -176,7 +176,7 @@ def test_cached_image_tokens_are_the_frozen_encoders_own(encoder_cache, tmp_path
     cached rows carry no text columns at all)."""
     from PIL import Image
 
-    from umaf.train.feature_cache import ImageTokenActor
+    from umaf.train.feature_cache import BUILD_COLUMNS, DEVICE_COLUMN, ImageTokenActor
     from umaf.train.umaf_method import UmafMethod
 
     image = str(tmp_path / "x.png")
@@ -189,7 +189,10 @@ def test_cached_image_tokens_are_the_frozen_encoders_own(encoder_cache, tmp_path
     from umaf.models.encoders import resolve_encoder
 
     cached = ImageTokenActor(resolve_encoder(cfg.umaf.image_encoder, encoder_cache))(rows)
-    assert set(cached) == {"id", "label", "image_ok", "image_tokens", "image_tokens_shape"}
+    # The actor's rows carry where they were encoded (gathered into _SUCCESS.json, never written as a column).
+    assert set(cached) - set(BUILD_COLUMNS) == {"id", "label", "image_ok", "image_tokens", "image_tokens_shape"}
+    assert set(cached[DEVICE_COLUMN]) == {"cpu"}
+    cached = {k: v for k, v in cached.items() if k not in BUILD_COLUMNS}
     from_cache = method.collate(cached, torch.device("cpu"))
     assert set(from_cache) == {"image_tokens", "labels"} and from_cache["image_tokens"].shape == (3, 17, 32)
     with torch.no_grad():
