@@ -129,3 +129,13 @@ def test_duplicate_rows_are_found_in_blocks_whose_error_column_is_all_null():
                       "error": [None, f"{DUPLICATE_REQUEST}key-1", "timeout"]})
     kept, pending = split_duplicates(mixed)
     assert kept["id"].to_pylist() == ["a", "c"] and pending == [("b", "key-1")]
+
+
+def test_a_generated_row_has_every_column_but_the_fingerprint_the_driver_stamps():
+    """The vLLM path's rows travel as dicts through Ray Data: a key missing from caption_row is a
+    column missing from the block, which the writer cannot select."""
+    from umaf.caption.backends import caption_row
+    from umaf.caption.store import CAPTION_SCHEMA
+
+    row = caption_row("p1", model="m", sampling_json="{}", image_sha256=None, error="image unreadable")
+    assert set(CAPTION_SCHEMA.names) - set(row) == {"fingerprint", "fingerprint_spec"}

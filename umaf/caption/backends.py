@@ -72,6 +72,7 @@ def caption_row(
         "status": STATUS_ERROR, "error": error, "model": model, "prompt_version": PROMPT_VERSION,
         "sampling": sampling_json, "image_sha256": image_sha256, "output_tokens": None,
         "captioned_at": captioned_at or datetime.now(timezone.utc), "request_key": request_key,
+        "reused_from": None,  # generated here (the driver sets it on rows copied from a twin request)
     }
     if error is not None or generation is None:
         row["error"] = error or "no generation"
