@@ -92,6 +92,17 @@ def cluster_address(ray_cfg: RayConfig) -> str | None:
     return ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+# Set in the runtime env of a Ray this job started on its own machine (no autoscaler, no node types):
+# a Tune trial of that Ray has RAY_ADDRESS set, yet must not wait for a node type to be started.
+ONE_MACHINE_ENV = "UMAF_ONE_MACHINE_RAY"
+
+
+def one_machine_ray(ray_cfg: RayConfig) -> bool:
+    """Whether this process runs on a Ray the job started here (:func:`connect_ray`'s local cluster),
+    directly or inside one of its tasks (a Tune trial, an experiment's cell)."""
+    return cluster_address(ray_cfg) is None or os.environ.get(ONE_MACHINE_ENV) == "1"
+
+
 def connect_ray(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
                 dashboard: bool | None = None) -> bool:
     """Join the cluster (``ray_cfg.address``, else ``RAY_ADDRESS``), or start a local one.
@@ -114,6 +125,7 @@ def connect_ray(ray_cfg: RayConfig, extra_env: Mapping[str, str] | None = None,
         log.info("joined the Ray cluster at %s (dashboard: %s)", address, _dashboard_url(context))
         return True
     include_dashboard = ray_cfg.include_dashboard if dashboard is None else (dashboard or ray_cfg.include_dashboard)
+    kwargs["runtime_env"] = driver_runtime_env(ray_cfg, {**(extra_env or {}), ONE_MACHINE_ENV: "1"})
     context = ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=include_dashboard, **kwargs)
     resources = ray.cluster_resources()
     log.info("started a local Ray cluster (%g CPUs, %g GPUs); dashboard: %s", resources.get("CPU", 0),

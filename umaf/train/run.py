@@ -229,11 +229,11 @@ def placeable(cfg: TrainConfig) -> TrainConfig:
         return cfg
     import ray
 
-    from umaf.raycluster import cluster_address
+    from umaf.raycluster import one_machine_ray
 
     if ray.cluster_resources().get(cfg.node_resource):
         return cfg
-    if cluster_address(cfg.ray) is None:
+    if one_machine_ray(cfg.ray):
         logger.info("node_resource=%s: no node of this one-machine Ray offers it, so the workers run on any node",
                     cfg.node_resource)
         return cfg.model_copy(update={"node_resource": None})
