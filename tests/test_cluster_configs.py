@@ -269,7 +269,7 @@ def test_kuberay_requests_fit_their_nodes_and_mirror_aws():
 
 
 @pytest.mark.ray
-def test_a_paper_preset_trains_on_a_one_machine_ray_but_waits_for_train_nodes_on_a_joined_cluster(ray_cluster):
+def test_a_paper_preset_trains_on_a_one_machine_ray_but_waits_for_train_nodes_on_a_joined_cluster(ray_cluster, monkeypatch):
     """The session cluster has no train_node (like a single GPU box): a job that started its own Ray drops
     the requirement instead of waiting forever; one that joined a cluster by address keeps it."""
     from umaf.config import load_config
@@ -281,3 +281,11 @@ def test_a_paper_preset_trains_on_a_one_machine_ray_but_waits_for_train_nodes_on
     assert placeable(cfg).node_resource is None
     joined = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": "10.0.0.1:6379"})})
     assert placeable(joined).node_resource == "train_node"
+    # Inside a Tune trial (an experiment cell) RAY_ADDRESS is set: the runtime env the local Ray was
+    # started with says whether that Ray is the job's own one-machine Ray.
+    from umaf.raycluster import ONE_MACHINE_ENV
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert placeable(cfg).node_resource == "train_node"
+    monkeypatch.setenv(ONE_MACHINE_ENV, "1")
+    assert placeable(cfg).node_resource is None
