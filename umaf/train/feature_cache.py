@@ -65,6 +65,8 @@ def _model_pixels(batch: dict[str, np.ndarray], device: torch.device, processor)
 
 def _device_label(device: torch.device) -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
 FEATURE_COLUMNS = ("id", "label", "image_ok", "image_map", "image_shape", "text_states", "text_shape")
 SUCCESS_FILE = "_SUCCESS.json"
 FEATURE_DTYPE = np.float16
