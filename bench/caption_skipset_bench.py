@@ -9,12 +9,17 @@ A captions folder of N finished rows is written the way the caption job writes i
 them) and 2% error rows. Then, each
 in a fresh process (so its peak memory is its own), the driver's start-of-run work for the larger set:
 
-- **skip set**: ``read_statuses(out, fingerprint=...)`` + ``done_ids`` (the ids already captioned with
-  this fingerprint), then applied to a manifest of the same N ids (``pc.is_in``), as ``run_caption`` does;
-- **listing**: the caption sets at ``--out`` with their row counts (``fingerprint_counts``), logged at
-  the start of every run;
+- **skip set**: the manifest's ids (``select_ids``, a manifest of the same N ids written beside the
+  captions) and ``pending_ids`` (the ids already captioned with this fingerprint, read file by file,
+  taken out of them), exactly as ``run_caption`` does;
+- **listing**: the caption sets at ``--out`` with their row counts (``caption_sets``), logged at the
+  start of every run;
 - **request keys**: ``done_request_keys`` (the ok rows' request keys, for the ledger that makes identical
   requests pay once).
+
+``--kinds`` adds ``*_whole`` baselines: the same results from every row read into one table first
+(``read_statuses`` + ``done_ids`` + ``pc.unique`` + ``is_in``; ``read_captions`` + a group-by; all keys
+as strings, then ``key_words``), as the job did before it read file by file.
 
 Goal (issue 24): ≤ 60 s and ≤ 1 GB peak driver memory for 10M rows on 2 cores. Printed: seconds and
 peak RSS (``ru_maxrss`` of the measuring process, Python and pyarrow included), per size and storage.
@@ -47,6 +52,7 @@ def build(uri: str, rows: int, rows_per_file: int, storage_kw: dict) -> float:
     """Write ``rows`` caption rows under ``uri``; returns seconds."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from umaf import storage
@@ -87,34 +93,68 @@ def build(uri: str, rows: int, rows_per_file: int, storage_kw: dict) -> float:
     files = -(-rows // rows_per_file)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(files)))
+    # The manifest of the same N ids, as jobs/prepare.py writes one (the id and split columns the run
+    # reads; the labels metadata select_ids checks), in files of 1M rows.
+    from umaf.data.manifest import DATASET_KEY, LABELS_KEY
+
+    meta = {LABELS_KEY: json.dumps({"sentiment": ["positive", "neutral", "negative"]}), DATASET_KEY: "bench"}
+    for k in range(-(-rows // 1_000_000)):
+        lo, hi = k * 1_000_000, min(rows, (k + 1) * 1_000_000)
+        ids = pc.binary_join_element_wise("pair-", pc.utf8_lpad(pc.cast(pa.array(np.arange(lo, hi)), pa.string()), 10, "0"), "")
+        table = pa.table({"id": ids, "split": pa.array(["train"] * (hi - lo))}).replace_schema_metadata(meta)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        storage.write_bytes_atomic(storage.join(uri + "-manifest", f"part-{k:05d}.parquet"), sink.getvalue().to_pybytes(),
+                                   **storage_kw)
     return time.perf_counter() - start
 
 
 def measure(kind: str, uri: str, rows: int, storage_kw: dict) -> dict:
     """One measurement in this process (run in a fresh one: its ru_maxrss is this measurement's)."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    from umaf.caption.pipeline import done_ids, done_request_keys, read_statuses
+    from umaf.caption.pipeline import done_ids, done_request_keys, key_words, pending_ids, read_statuses
+    from umaf.caption.store import CAPTION_SCHEMA
 
-    manifest_ids = pa.array(np.char.mod("pair-%010d", np.arange(rows))) if kind == "skip_set" else None
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if kind == "listing":  # the caption sets at --out, said at the start of every run
-        from umaf.caption.store import fingerprint_counts, read_captions
+        from umaf.caption.store import caption_sets
 
-        counts = fingerprint_counts(read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"],
-                                                  **storage_kw))
-        result = {"sets": len(counts)}
-    elif kind == "skip_set":
-        done = done_ids(read_statuses(uri, fingerprint=FP_MAIN, **storage_kw), retry_failed=False)
-        built = time.perf_counter() - start
-        todo = pc.filter(manifest_ids, pc.invert(pc.is_in(manifest_ids, value_set=done)))
-        result = {"done": len(done), "todo": len(todo), "build_s": round(built, 2)}
-    else:
+        result = {"sets": len(caption_sets(uri, **storage_kw))}
+    elif kind == "listing_whole":
+        from umaf.caption.store import read_captions
+
+        table = read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"], **storage_kw)
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        sets = ok.group_by("fingerprint").aggregate([("id", "count_distinct")])
+        result = {"sets": table.group_by("fingerprint").aggregate([("id", "count")]).num_rows,
+                  "ok_ids": sum(sets["id_count_distinct"].to_pylist())}
+    elif kind in ("skip_set", "skip_set_whole"):
+        # As run_caption does: the manifest's selected ids (select_ids), then those not yet done.
+        from umaf.caption.config import CaptionConfig
+        from umaf.caption.pipeline import select_ids
+
+        config = CaptionConfig(out=uri, storage={"endpoint_url": storage_kw.get("endpoint_url")})
+        selected, _ = select_ids(uri + "-manifest", config)
+        if kind == "skip_set":
+            todo, _ = pending_ids(selected, uri, fingerprint=FP_MAIN, retry_failed=False, **storage_kw)
+        else:  # before: every row's id and status in one table, unique done ids, then is_in
+            done = done_ids(read_statuses(uri, fingerprint=FP_MAIN, **storage_kw), retry_failed=False)
+            todo = pc.unique(pc.filter(selected, pc.invert(pc.is_in(selected, value_set=done))))
+        result = {"selected": len(selected), "todo": len(todo)}
+    elif kind == "request_keys":
         keys = done_request_keys([uri], FP_MAIN, **storage_kw)
         result = {"keys": len(keys[0])}
+    else:  # request_keys_whole
+        from umaf.caption.store import read_rows
+
+        table = read_rows(uri, CAPTION_SCHEMA, columns=["request_key"], filter=(pc.field("fingerprint") == FP_MAIN)
+                          & (pc.field("status") == "ok") & pc.field("request_key").is_valid(), **storage_kw)
+        hi, lo = key_words(table["request_key"])
+        order = np.argsort(hi, kind="stable")
+        result = {"keys": len(hi[order])}
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"kind": kind, "rows": rows, "seconds": round(seconds, 2), "peak_rss_mb": round(peak),
@@ -149,6 +189,8 @@ def main() -> None:
     parser.add_argument("--rows-per-file", type=int, default=5000)
     parser.add_argument("--where", default="local,s3", help="local, s3 or both")
     parser.add_argument("--tmp", default="/tmp", help="parent of the temporary folder")
+    parser.add_argument("--kinds", default="skip_set,listing,request_keys",
+                        help="which measurements; add skip_set_whole,listing_whole,request_keys_whole for the baselines")
     parser.add_argument("--measure", nargs=4, metavar=("KIND", "URI", "ROWS", "ENDPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -177,7 +219,7 @@ def main() -> None:
                 written = build(uri, rows, args.rows_per_file, kw)
                 print(f"built {rows:,} rows in {-(-rows // args.rows_per_file)} files at {uri} in {written:.0f}s",
                       flush=True)
-                for kind in ("skip_set", "listing", "request_keys"):
+                for kind in args.kinds.split(","):
                     out = subprocess.run([sys.executable, __file__, "--measure", kind, uri, str(rows), endpoint or "-"]
                                          if where == "s3" else
                                          [sys.executable, __file__, "--measure", kind, uri, str(rows), "-"],
@@ -187,9 +229,10 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
                 if where == "local":
                     shutil.rmtree(uri)
+                    shutil.rmtree(uri + "-manifest")
                 else:
                     s3 = boto3.resource("s3", endpoint_url=endpoint)
-                    s3.Bucket("bench").objects.filter(Prefix=f"captions-{rows}/").delete()
+                    s3.Bucket("bench").objects.filter(Prefix=f"captions-{rows}").delete()
     finally:
         if moto is not None:
             moto.terminate()

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from umaf import storage
-from umaf.caption.pipeline import done_ids, read_statuses
+from umaf.caption.pipeline import done_ids, read_done, read_statuses
 from umaf.caption.store import (
     CAPTION_SCHEMA,
     UNVERSIONED,
+    caption_sets,
     read_captions,
     read_ok_captions,
     select_captions,
@@ -86,10 +87,19 @@ def test_caption_sets_side_by_side_must_be_chosen_by_fingerprint(tmp_path):
         select_captions(uri, "fpC")
 
     # Resume keys on (pair, fingerprint): fpB's skip set is {a}, fpA's {a, b} (+ c without --retry-failed).
-    done = lambda fp, retry: sorted(done_ids(read_statuses(uri, fingerprint=fp), retry_failed=retry).to_pylist())  # noqa: E731
-    assert done("fpB", False) == ["a"]
-    assert done("fpA", True) == ["a", "b"] and done("fpA", False) == ["a", "b", "c"]
-    assert done("fpC", False) == []
+    # read_done (file by file, what the jobs use) and done_ids over the whole table agree.
+    done = lambda fp, retry: sorted(read_done(uri, fingerprint=fp, retry_failed=retry)[0].to_pylist())  # noqa: E731
+    whole = lambda fp, retry: sorted(done_ids(read_statuses(uri, fingerprint=fp), retry_failed=retry).to_pylist())  # noqa: E731
+    assert done("fpB", False) == whole("fpB", False) == ["a"]  # a's two ok rows (two files' worth) count once
+    assert done("fpA", True) == whole("fpA", True) == ["a", "b"]
+    assert done("fpA", False) == whole("fpA", False) == ["a", "b", "c"]
+    assert done("fpC", False) == whole("fpC", False) == []
+    assert read_done(uri, fingerprint="fpA", retry_failed=False)[1] == {"ok": 2, "error": 1}
+    # Another file with a second ok row for a: still 2 ok ids of fpA, now in 4 rows.
+    write(uri, "part-3.parquet", [row("a", fp="fpA", ocr="A-again")])
+    assert next(c for c in caption_sets(uri) if c["fingerprint"] == "fpA") == {
+        "fingerprint": "fpA", "rows": 4, "ok_ids": 2, "model": "model-of-fpA", "prompt_version": "p1"}
+    assert done("fpA", False) == ["a", "b", "c"]
 
 
 def test_one_set_is_chosen_without_asking(tmp_path):
@@ -145,3 +155,23 @@ def test_request_ledger_lets_one_pair_pay_per_request(tmp_path):
     assert ledger.claim([key(1), key(2), key(3), None], ["x", "y", "z", "w"]) == ["", None, None, None]
     # Within the run the first claimant pays; a retried claim by it gets the same answer.
     assert ledger.claim([key(2), key(3), key(2)], ["y2", "z", "y"]) == ["y", None, None]
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 1 << 20])
+def test_pending_ids_take_out_done_ids_whatever_the_lookup_slice(tmp_path, monkeypatch, slice_size):
+    """The skip set looks the selection up a slice at a time (to bound its hash tables): an id selected
+    twice, in two slices, is done in both or pending once; error rows count only without --retry-failed."""
+    import pyarrow as pa
+
+    import umaf.caption.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PENDING_SLICE", slice_size)
+    uri = str(tmp_path / "captions")
+    write(uri, "part-1.parquet", [row("a"), row("c"), row("e")])
+    write(uri, "part-2.parquet", [row("c"), row("x"), row("g", "error"), row("h", fp="fpB")])
+    selected = pa.array(["a", "b", "c", "d", "e", "a", "g", "b", "h"])
+    todo, tally = pipeline.pending_ids(selected, uri, fingerprint="fpA", retry_failed=False)
+    assert todo.to_pylist() == ["b", "d", "h"] and tally == {"ok": 5, "error": 1}
+    assert pipeline.pending_ids(selected, uri, fingerprint="fpA", retry_failed=True)[0].to_pylist() == ["b", "d", "g", "h"]
+    assert pipeline.pending_ids(selected, uri, fingerprint="fpC", retry_failed=False)[0].to_pylist() == [
+        "a", "b", "c", "d", "e", "g", "h"]

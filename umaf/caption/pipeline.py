@@ -131,6 +131,61 @@ def done_ids(statuses: pa.Table, *, retry_failed: bool) -> pa.Array:
     return pc.unique(statuses["id"]).cast(pa.string())
 
 
+def _done_per_file(out_uri: str, schema: pa.Schema, *, retry_failed: bool, fingerprint: str | None,
+                   **storage_kw) -> tuple[list[pa.Array], TallyCounter]:
+    """Each file's :func:`done_ids` as soon as it is read (never every row's id and status at once),
+    and the rows per status."""
+    from umaf.caption.store import map_files
+
+    def per_file(table: pa.Table) -> tuple[pa.Array, TallyCounter]:
+        return done_ids(table, retry_failed=retry_failed), status_tally(table["status"])
+
+    parts = map_files(out_uri, schema, per_file, columns=["id", "status"], filter=fingerprint_filter(fingerprint),
+                      **storage_kw)
+    return [ids for ids, _ in parts], sum((tally for _, tally in parts), TallyCounter())
+
+
+def read_done(out_uri: str, schema: pa.Schema = CAPTION_SCHEMA, *, retry_failed: bool,
+              fingerprint: str | None = None, **storage_kw) -> tuple[pa.Array, TallyCounter]:
+    """(:func:`done_ids`, rows per status) of what is already at ``out_uri``, read file by file."""
+    parts, tally = _done_per_file(out_uri, schema, retry_failed=retry_failed, fingerprint=fingerprint, **storage_kw)
+    return (pc.unique(pa.chunked_array(parts, pa.string())) if parts else pa.array([], pa.string())), tally
+
+
+# Selected ids per lookup slice in pending_ids: the largest hash table the skip set builds.
+PENDING_SLICE = 1 << 20
+
+
+def pending_ids(selected: pa.Array, out_uri: str, *, retry_failed: bool, fingerprint: str | None = None,
+                **storage_kw) -> tuple[pa.Array, TallyCounter]:
+    """The skip set applied: the ``selected`` ids not done at ``out_uri`` (each once, in selection
+    order), and the rows per status there.
+
+    Memory, for 10M finished rows (bench/caption_skipset_bench.py): the done ids are kept as read, and
+    the selection is looked up a slice of ``PENDING_SLICE`` ids at a time (which done ids fall in this
+    slice, then which of the slice's ids are among those), so no hash table holds more than one slice:
+    one table of the 9M done ids (``is_in(selected, value_set=done)``) peaked ~0.3 GB higher.
+    """
+    parts, tally = _done_per_file(out_uri, CAPTION_SCHEMA, retry_failed=retry_failed, fingerprint=fingerprint,
+                                  **storage_kw)
+    done = pa.chunked_array([part for part in parts if len(part)], pa.string())
+    if len(done):
+        keep = np.ones(len(selected), dtype=bool)
+        for start in range(0, len(selected), PENDING_SLICE):
+            part = selected.slice(start, PENDING_SLICE)
+            found = pc.filter(done, pc.is_in(done, value_set=part))
+            if len(found):
+                keep[start:start + len(part)] = ~pc.is_in(part, value_set=found).to_numpy(zero_copy_only=False)
+        selected = pc.filter(selected, pa.array(keep))
+    return pc.unique(selected), tally
+
+
+def status_tally(status: pa.Array | pa.ChunkedArray) -> TallyCounter:
+    """Rows per status value, counted in Arrow (no Python string per row)."""
+    counts = pc.value_counts(status)
+    return TallyCounter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+
+
 def latest_status_counts(statuses: pa.Table) -> dict[str, int]:
     """Per id, the best status it has (ok beats invalid beats error), counted: the dataset's state."""
     rank = {STATUS_OK: 0, STATUS_INVALID: 1, STATUS_ERROR: 2}
@@ -273,14 +328,17 @@ def key_words(keys: pa.Array | pa.ChunkedArray, chunk: int = 1 << 20) -> tuple[n
 def done_request_keys(uris: list[str], fingerprint: str, **storage_kw) -> tuple[np.ndarray, np.ndarray]:
     """The request keys of the ``ok`` rows of ``fingerprint`` at ``uris``, as :func:`key_words` pairs
     sorted by the high word (duplicates are harmless)."""
+    from umaf.caption.store import map_files
+
     his, los = [], []
     for uri in uris:
-        table = read_rows(uri, CAPTION_SCHEMA, columns=["request_key"],
-                          filter=fingerprint_filter(fingerprint) & (pc.field("status") == STATUS_OK)
-                          & pc.field("request_key").is_valid(), **storage_kw)
-        hi, lo = key_words(table["request_key"])
-        his.append(hi)
-        los.append(lo)
+        # File by file: the keys as two uint64 words each (16 bytes) as soon as they are read, never
+        # 10M 32-character strings at once.
+        for hi, lo in map_files(uri, CAPTION_SCHEMA, lambda table: key_words(table["request_key"]),
+                                columns=["request_key"], filter=fingerprint_filter(fingerprint)
+                                & (pc.field("status") == STATUS_OK) & pc.field("request_key").is_valid(), **storage_kw):
+            his.append(hi)
+            los.append(lo)
     hi = np.concatenate(his) if his else np.array([], np.uint64)
     lo = np.concatenate(los) if los else np.array([], np.uint64)
     order = np.argsort(hi, kind="stable")
@@ -436,10 +494,8 @@ def run_caption(config: CaptionConfig, *, ids: pa.Array | None = None) -> dict[s
         selected = pc.filter(selected, pc.is_in(selected, value_set=ids))
     tag = f"[caption dataset={dataset}"
     config, fingerprint = pin_fingerprint(config)
-    before = read_statuses(config.out, fingerprint=fingerprint.id, **config.storage_kw)
-    done = done_ids(before, retry_failed=config.retry_failed)
-    todo = pc.filter(selected, pc.invert(pc.is_in(selected, value_set=done))) if len(done) else selected
-    todo = pc.unique(todo)
+    todo, before = pending_ids(selected, config.out, retry_failed=config.retry_failed, fingerprint=fingerprint.id,
+                               **config.storage_kw)
     log.info("%s stage=plan] %d selected, %d already done at %s with fingerprint %s, %d to caption (backend=%s "
              "model=%s)", tag, len(selected), len(selected) - len(todo), config.out, fingerprint.id, len(todo),
              config.backend, config.model)
@@ -502,8 +558,8 @@ def run_caption(config: CaptionConfig, *, ids: pa.Array | None = None) -> dict[s
         reused, uncopied = write_copies(pending, sources, fingerprint, config, tag, metrics)
 
     after = read_statuses(config.out, fingerprint=fingerprint.id, **config.storage_kw)
-    new_rows = after.num_rows - before.num_rows
-    this_run = _count(after["status"]) - _count(before["status"])
+    new_rows = after.num_rows - before.total()
+    this_run = status_tally(after["status"]) - before
     summary = {
         "dataset": dataset, "manifest": manifest_uri, "out": config.out, "backend": config.backend,
         "model": config.model, "fingerprint": fingerprint.id, "fingerprint_spec": fingerprint.spec,
@@ -524,10 +580,6 @@ def _status_text(statuses: TallyCounter) -> str:
     return ", ".join(f"{status} {statuses.get(status, 0)}" for status in STATUSES)
 
 
-def _count(status: pa.ChunkedArray) -> TallyCounter:
-    return TallyCounter(status.to_pylist())
-
-
 # ------------------------------------------------------------------------------------------------
 # Fingerprints, twins and the quality report around the run
 
@@ -544,11 +596,9 @@ def pin_fingerprint(config: CaptionConfig) -> tuple[CaptionConfig, Fingerprint]:
 
 def warn_other_sets(config: CaptionConfig, fingerprint: Fingerprint) -> None:
     """Say when --out already holds other caption sets (they stay; this run adds its own beside them)."""
-    from umaf.caption.store import describe_sets, fingerprint_counts, read_captions
+    from umaf.caption.store import caption_sets, describe_sets
 
-    listing = read_captions(config.out, columns=["id", "status", "fingerprint", "model", "prompt_version"],
-                            **config.storage_kw)
-    others = [c for c in fingerprint_counts(listing) if c["fingerprint"] != fingerprint.id]
+    others = [c for c in caption_sets(config.out, **config.storage_kw) if c["fingerprint"] != fingerprint.id]
     if others:
         log.info("[caption stage=plan] %s also holds %d other caption set(s), kept beside this one: %s%s", config.out,
                  len(others), describe_sets(others),

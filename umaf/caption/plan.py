@@ -250,14 +250,13 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 
 def todo_ids(config: CaptionConfig, manifest_uri: str, fingerprint: str):
-    """(selected ids, ids already captioned with ``fingerprint``, ids to caption), as the run counts them."""
-    from umaf.caption.pipeline import done_ids, read_statuses, select_ids
+    """(selected ids, ids to caption), as the run counts them."""
+    from umaf.caption.pipeline import pending_ids, select_ids
 
     selected, _ = select_ids(manifest_uri, config)
-    done = done_ids(read_statuses(config.out, fingerprint=fingerprint, **config.storage_kw),
-                    retry_failed=config.retry_failed)
-    todo = pc.unique(pc.filter(selected, pc.invert(pc.is_in(selected, value_set=done))) if len(done) else selected)
-    return selected, done, todo
+    todo, _ = pending_ids(selected, config.out, retry_failed=config.retry_failed, fingerprint=fingerprint,
+                          **config.storage_kw)
+    return selected, todo
 
 
 def make_plan(config: CaptionConfig, *, pilot_ids: list[str] | None = None) -> dict[str, Any]:
@@ -269,7 +268,7 @@ def make_plan(config: CaptionConfig, *, pilot_ids: list[str] | None = None) -> d
     manifest_uri = ensure_manifest(config)
     config, fingerprint = pin_fingerprint(config)
     counter = token_counter(config)  # first: a tokenizer that cannot load is said before any image is read
-    selected, _, todo = todo_ids(config, manifest_uri, fingerprint.id)
+    selected, todo = todo_ids(config, manifest_uri, fingerprint.id)
     fs, path = storage.resolve(manifest_uri, **kw)
     manifest = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id", "text", "image"])
     rows = manifest.filter(pc.is_in(manifest["id"], value_set=todo))
@@ -356,7 +355,7 @@ def run_pilot(config: CaptionConfig) -> list[str]:
 
     manifest_uri = ensure_manifest(config)
     pinned, fingerprint = pin_fingerprint(config)
-    _, _, todo = todo_ids(pinned, manifest_uri, fingerprint.id)
+    _, todo = todo_ids(pinned, manifest_uri, fingerprint.id)
     ids = pilot_sample(todo, config.plan.pilot or 0)
     if ids:
         run_caption(config, ids=pa.array(ids, pa.string()))

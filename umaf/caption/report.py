@@ -38,11 +38,10 @@ from umaf.caption.store import (
     STATUS_INVALID,
     STATUS_OK,
     UNVERSIONED,
+    caption_sets,
     data_files,
-    fingerprint_counts,
     fingerprint_filter,
     latest_per_id,
-    read_captions,
     read_rows,
 )
 
@@ -247,8 +246,7 @@ def write_reports(uri: str, **storage_kw) -> list[dict[str, Any]]:
     """``jobs/caption.py --report URI``: a report for every caption set at ``uri``."""
     from umaf.errors import UserError
 
-    listing = read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"], **storage_kw)
-    counts = fingerprint_counts(listing)
+    counts = caption_sets(uri, **storage_kw)
     if not counts:
         raise UserError(f"no caption rows at {uri}: give the captions folder jobs/caption.py wrote (--out)")
     return [write_report(uri, c["fingerprint"], **storage_kw) for c in counts]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -111,28 +112,41 @@ def read_rows(uri: str, schema: pa.Schema, *, columns: list[str] | None = None,
     table. ``filter`` is pushed down to each file (row groups whose statistics exclude it are not
     read). A missing folder reads as empty. ``files``: only these (of :func:`data_files`), e.g. a sample.
     """
+    names = columns or schema.names
+    tables = map_files(uri, schema, lambda table: table, columns=names, filter=filter, threads=threads, files=files,
+                       **storage_kw)
+    return pa.concat_tables(tables) if tables else schema.empty_table().select(names)
+
+
+def map_files(uri: str, schema: pa.Schema, fn: Callable[[pa.Table], Any], *, columns: list[str] | None = None,
+              filter: pc.Expression | None = None, threads: int = READ_THREADS,
+              files: list[pafs.FileInfo] | None = None, **storage_kw) -> list[Any]:
+    """``fn`` of each readable file's rows (as :func:`read_rows` reads them), in file-name order.
+
+    For a summary of a large folder (10M rows in 2,000 files): only ``fn``'s results stay in memory,
+    not every row of every column.
+    """
     fs, path = storage.resolve(uri, **storage_kw)
     names = columns or schema.names
     files = data_files(fs, path) if files is None else files
     if not files:
-        return schema.empty_table().select(names)
+        return []
     parquet = pads.ParquetFileFormat()
     # The size known from the listing spares each file a HEAD request on S3 (2,000 files: 2,000 round trips).
     fragments = [parquet.make_fragment(info.path, filesystem=fs, file_size=info.size) for info in files]
+    skipped = object()
 
-    def read(fragment: pads.Fragment) -> pa.Table | None:
+    def read(fragment: pads.Fragment) -> Any:
         try:
-            return fragment.to_table(schema=schema, columns=names, filter=filter, use_threads=False)
+            table = fragment.to_table(schema=schema, columns=names, filter=filter, use_threads=False)
         except pa.ArrowInvalid as exc:  # not Parquet (torn, truncated, foreign): skip it, say which
             log.warning("[caption store] skipping %s: not a readable Parquet file (%s); delete it, or rerun the "
                         "job that wrote it", _display(uri, path, fragment.path), exc)
-            return None
+            return skipped
+        return fn(table)
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(fragments)))) as pool:
-        tables = [t for t in pool.map(read, fragments) if t is not None]
-    if not tables:
-        return schema.empty_table().select(names)
-    return pa.concat_tables(tables)
+        return [r for r in pool.map(read, fragments) if r is not skipped]
 
 
 def _display(uri: str, path: str, file_path: str) -> str:
@@ -198,27 +212,6 @@ class CaptionSet:
         return {"uri": self.uri, "fingerprint": self.fingerprint, "ok_ids": self.table.num_rows, "spec": self.spec}
 
 
-def fingerprint_counts(table: pa.Table) -> list[dict[str, Any]]:
-    """Per fingerprint in ``table`` (columns ``id``, ``status``, ``fingerprint``; ``model`` and
-    ``prompt_version`` when present): rows, ok ids and what made it; most ok ids first. Grouped in
-    Arrow: a 10M-row folder is counted without a Python object per row."""
-    if table.num_rows == 0:
-        return []
-    about = [c for c in ("model", "prompt_version") if c in table.column_names]
-    t = pa.table({"fp": pc.fill_null(table["fingerprint"], UNVERSIONED), "id": table["id"],
-                  "ok": pc.fill_null(pc.equal(table["status"], STATUS_OK), False),
-                  **{c: table[c] for c in about}})
-    rows = t.group_by("fp", use_threads=False).aggregate([("id", "count"), *[(c, "first") for c in about]])
-    ok = t.filter(t["ok"]).group_by("fp").aggregate([("id", "count_distinct")])
-    ok_ids = dict(zip(ok["fp"].to_pylist(), ok["id_count_distinct"].to_pylist()))
-    first = {c: rows[f"{c}_first"].to_pylist() if c in about else [None] * rows.num_rows
-             for c in ("model", "prompt_version")}
-    out = [{"fingerprint": fp, "rows": count, "ok_ids": ok_ids.get(fp, 0), "model": model, "prompt_version": prompt}
-           for fp, count, model, prompt in zip(rows["fp"].to_pylist(), rows["id_count"].to_pylist(),
-                                               first["model"], first["prompt_version"])]
-    return sorted(out, key=lambda r: (-r["ok_ids"], r["fingerprint"]))
-
-
 def describe_sets(counts: list[dict[str, Any]]) -> str:
     return "; ".join(f"{c['fingerprint']} ({c['ok_ids']} ok ids in {c['rows']} rows, model {c['model']}, "
                      f"prompt {c['prompt_version']})" for c in counts)
@@ -226,7 +219,7 @@ def describe_sets(counts: list[dict[str, Any]]) -> str:
 
 def choose_fingerprint(counts: list[dict[str, Any]], uri: str, fingerprint: str | None,
                        key: str = "caption_fingerprint") -> str:
-    """The fingerprint to use among ``counts`` (:func:`fingerprint_counts`): the given one if present;
+    """The fingerprint to use among ``counts`` (:func:`caption_sets`): the given one if present;
     none given, the only one; otherwise a UserError that lists them (``key`` names the setting)."""
     present = {c["fingerprint"] for c in counts}
     if fingerprint is not None:
@@ -245,8 +238,39 @@ def choose_fingerprint(counts: list[dict[str, Any]], uri: str, fingerprint: str 
 def resolve_fingerprint(uri: str, fingerprint: str | None = None, *, key: str = "caption_fingerprint",
                         **storage_kw) -> str:
     """Which caption set at ``uri`` a job reads (:func:`choose_fingerprint`), from one listing read."""
-    listing = read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"], **storage_kw)
-    return choose_fingerprint(fingerprint_counts(listing), uri, fingerprint, key)
+    return choose_fingerprint(caption_sets(uri, **storage_kw), uri, fingerprint, key)
+
+
+LISTING_COLUMNS = ["id", "status", "fingerprint", "model", "prompt_version"]
+
+
+def caption_sets(uri: str, **storage_kw) -> list[dict[str, Any]]:
+    """The caption sets at ``uri``: per fingerprint its rows, ok ids and what made it (``model`` and
+    ``prompt_version`` of its first row), most ok ids first. Counted file by file in Arrow: what stays
+    in memory is each set's ok ids (for the distinct count), not five columns of every row (10M rows
+    read whole peaked at 3.5 GB, see bench/RESULTS.md)."""
+
+    def per_file(table: pa.Table) -> tuple[list[dict[str, Any]], dict[str, pa.Array]]:
+        fp = pc.fill_null(table["fingerprint"], UNVERSIONED)
+        ok = pc.fill_null(pc.equal(table["status"], STATUS_OK), False)
+        counts = pa.table({"fp": fp, "model": table["model"], "prompt_version": table["prompt_version"]}).group_by(
+            "fp", use_threads=False).aggregate([("fp", "count"), ("model", "first"), ("prompt_version", "first")])
+        ok_ids = {name: table["id"].filter(pc.and_(ok, pc.equal(fp, name))).combine_chunks()
+                  for name in counts["fp"].to_pylist()}
+        return counts.to_pylist(), ok_ids
+
+    sets: dict[str, dict[str, Any]] = {}
+    ok_ids: dict[str, list[pa.Array]] = {}
+    for counts, ids in map_files(uri, CAPTION_SCHEMA, per_file, columns=LISTING_COLUMNS, **storage_kw):
+        for row in counts:  # in file order, so "model"/"prompt_version" are those of the set's first row
+            known = sets.setdefault(row["fp"], {"fingerprint": row["fp"], "rows": 0, "ok_ids": 0,
+                                                "model": row["model_first"], "prompt_version": row["prompt_version_first"]})
+            known["rows"] += row["fp_count"]
+        for name, array in ids.items():
+            ok_ids.setdefault(name, []).append(array)
+    for name, arrays in ok_ids.items():
+        sets[name]["ok_ids"] = pc.count_distinct(pa.chunked_array(arrays, pa.string())).as_py()
+    return sorted(sets.values(), key=lambda r: (-r["ok_ids"], r["fingerprint"]))
 
 
 def select_captions(uri: str, fingerprint: str | None = None, *, key: str = "caption_fingerprint",

@@ -42,14 +42,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umaf import storage
-from umaf.caption.pipeline import done_ids, latest_status_counts, read_statuses
+from umaf.caption.pipeline import latest_status_counts, read_done, read_statuses, status_tally
 from umaf.caption.store import (
     STATUS_ERROR,
     STATUS_OK,
     choose_fingerprint,
-    fingerprint_counts,
+    caption_sets,
     latest_ok,
-    read_captions,
     read_ok_captions,
     read_rows,
 )
@@ -123,8 +122,7 @@ def caption_fingerprint(config: PredictConfig, card: dict[str, Any], uri: str) -
     the model reads captions unlike those it learnt from."""
     kw = config.storage_kw
     trained = card["train_config"].get("caption_fingerprint")
-    counts = fingerprint_counts(read_captions(uri, columns=["id", "status", "fingerprint", "model", "prompt_version"],
-                                              **kw))
+    counts = caption_sets(uri, **kw)
     wanted = config.caption_fingerprint
     if wanted is None and trained in {c["fingerprint"] for c in counts}:
         wanted = trained
@@ -336,8 +334,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         config = config.model_copy(update={"caption_fingerprint": caption_fingerprint(config, card, uri)})
     rows, manifest = input_rows(config, card)
     tag = f"[predict dataset={manifest.dataset}"
-    before = read_statuses(config.out, PREDICTION_SCHEMA, **kw)
-    done = done_ids(before, retry_failed=config.retry_failed)
+    done, before = read_done(config.out, PREDICTION_SCHEMA, retry_failed=config.retry_failed, **kw)
     sppscl = card["method"] == "sppscl"
     batch_size = int(card.get("eval_batch_size") or card["train_config"]["eval_batch_size"]) if sppscl else config.actors.batch_size
     plan = plan_batches(rows, done, batch_size, whole_batches=sppscl)
@@ -375,7 +372,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         progress.finish(_status_text(statuses))
 
     after = read_statuses(config.out, PREDICTION_SCHEMA, **kw)
-    this_run = TallyCounter(after["status"].to_pylist()) - TallyCounter(before["status"].to_pylist())
+    this_run = status_tally(after["status"]) - before
     metrics = prediction_metrics(latest_ok(read_rows(config.out, PREDICTION_SCHEMA, **kw), "predicted_at"), manifest, card)
     metrics_uri = storage.join(config.out, METRICS_FILE)
     if metrics is not None:
@@ -385,7 +382,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         "manifest": config.manifest or card["train_config"]["manifest"], "out": config.out,
         "captions": uri, "caption_fingerprint": config.caption_fingerprint,
         "trained_caption_fingerprint": card["train_config"].get("caption_fingerprint"),
-        "selected": n_selected, "skipped": n_selected - todo, "predicted": after.num_rows - before.num_rows,
+        "selected": n_selected, "skipped": n_selected - todo, "predicted": after.num_rows - before.total(),
         "this_run": {s: this_run.get(s, 0) for s in STATUSES},
         "dataset_status": {s: n for s, n in latest_status_counts(after).items() if s in STATUSES},
         "metrics": None if metrics is None else {
