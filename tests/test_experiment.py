@@ -194,3 +194,21 @@ def test_perturbations_change_only_what_they_name():
     assert t == [""] * 5 and f == fields
     t, f = perturb_inputs(texts, fields, "text_only", seed=0)
     assert t == texts and all(v == [None] * 5 for v in f.values())
+
+
+def test_a_resumed_cell_may_run_elsewhere_but_not_with_other_training_settings(tmp_path):
+    """--resume compares each finished cell's config.yaml with what the experiment now gives: where it
+    runs (node_resource, which a one-machine Ray drops, workers, storage) may differ; what it trains may not."""
+    import yaml
+
+    from umaf.errors import UserError
+    from umaf.experiment.run import _check_resumed_cells
+
+    cell = tmp_path / "runs" / "full" / "demo" / "seed0"
+    cell.mkdir(parents=True)
+    ran = {"out": str(cell), "lr": 2e-4, "node_resource": None, "num_workers": 1, "umaf": {"top_k": 10}}
+    (cell / "config.yaml").write_text(yaml.safe_dump(ran))
+    now = {**ran, "node_resource": "train_node", "num_workers": 2}
+    _check_resumed_cells({"full/demo/seed0": now}, {})
+    with pytest.raises(UserError, match=r"umaf.top_k: ran 10, now 5"):
+        _check_resumed_cells({"full/demo/seed0": {**now, "umaf": {"top_k": 5}}}, {})

@@ -211,14 +211,18 @@ def markdown_report(cfg: ExperimentConfig, results: list[dict[str, Any]], summar
               "- Every figure comes from the cells' `predictions/test.parquet` (`label`, `pred` per test item), with "
               "`umaf.train.metrics.classification_metrics` (scikit-learn) per seed. `results.parquet` has every cell's "
               "metrics; `summary.parquet` every statistic below with its inputs."]
-    example = next((r for r in summary if r.get("ci_method")), None)
-    if example:
-        lines.append(f"- Intervals: {example['ci_method']}.")
-    tested = next((r for r in summary if r.get("f1_test")), None)
-    if tested:
-        lines += [f"- Accuracy test: {tested['accuracy_test']}.", f"- F1 tests: {tested['f1_test']}.",
-                  f"- Multiple comparisons: Holm's step-down correction (statsmodels multipletests) over "
-                  f"{tested['holm_family']}."]
+    # The methods with their inputs (item counts, seeds) per dataset: they differ between datasets.
+    names = list(dict.fromkeys(r["dataset"] for r in summary))
+    for dataset in names:
+        on = f" ({dataset})" if len(names) > 1 else ""
+        example = next((r for r in summary if r["dataset"] == dataset and r.get("ci_method")), None)
+        if example:
+            lines.append(f"- Intervals{on}: {example['ci_method']}.")
+        tested = next((r for r in summary if r["dataset"] == dataset and r.get("f1_test")), None)
+        if tested:
+            lines += [f"- Accuracy test{on}: {tested['accuracy_test']}.", f"- F1 tests{on}: {tested['f1_test']}.",
+                      f"- Multiple comparisons{on}: Holm's step-down correction (statsmodels multipletests) over "
+                      f"{tested['holm_family']}."]
     notes = {f["source"].split(", row")[0]: f["note"] for r in summary for f in (r.get("published") or []) if f.get("note")}
     if any(r.get("published") for r in summary):
         lines.append(f"- Published figures: `configs/experiment/published/{cfg.published or '<paper>'}.yaml` "

@@ -196,7 +196,8 @@ def _check_resumed_cells(configs: dict[str, dict[str, Any]], kw: dict[str, Any])
 # Keys that say where and how a cell runs, not what it trains: a resumed experiment may change them
 # (another cluster, another cache folder).
 OPERATIONAL = {"out", "log_every_s", "prefetch_batches", "preprocess_concurrency", "max_failures", "controller_failure_limit",
-               "checkpoints_to_keep", "num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker"}
+               "checkpoints_to_keep", "num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
+               "node_resource"}  # (dropped on a one-machine Ray: config.yaml records None)
 
 
 def _operational(key: str) -> bool:
