@@ -122,7 +122,8 @@ def measure(kind: str, uri: str, rows: int, storage_kw: dict) -> dict:
     if kind == "listing":  # the caption sets at --out, said at the start of every run
         from umaf.caption.store import caption_sets
 
-        result = {"sets": len(caption_sets(uri, **storage_kw))}
+        sets = caption_sets(uri, **storage_kw)
+        result = {"sets": len(sets), "ok_ids": sum(c["ok_ids"] for c in sets)}
     elif kind == "listing_whole":
         from umaf.caption.store import read_captions
 

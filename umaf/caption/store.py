@@ -246,30 +246,37 @@ LISTING_COLUMNS = ["id", "status", "fingerprint", "model", "prompt_version"]
 
 def caption_sets(uri: str, **storage_kw) -> list[dict[str, Any]]:
     """The caption sets at ``uri``: per fingerprint its rows, ok ids and what made it (``model`` and
-    ``prompt_version`` of its first row), most ok ids first. Counted file by file in Arrow: what stays
-    in memory is each set's ok ids (for the distinct count), not five columns of every row (10M rows
-    read whole peaked at 3.5 GB, see bench/RESULTS.md)."""
+    ``prompt_version`` of its first row), most ok ids first.
 
-    def per_file(table: pa.Table) -> tuple[list[dict[str, Any]], dict[str, pa.Array]]:
+    Counted file by file in Arrow, for 10M rows (bench/caption_skipset_bench.py): what stays in memory
+    is each set's ok ids, and the distinct count runs per partition of them by their last two
+    characters (equal ids share them), so its hash tables hold a slice of the ids, not all of them.
+    """
+
+    def per_file(table: pa.Table) -> tuple[list[dict[str, Any]], list[tuple[str, str | None, pa.Array]]]:
         fp = pc.fill_null(table["fingerprint"], UNVERSIONED)
         ok = pc.fill_null(pc.equal(table["status"], STATUS_OK), False)
         counts = pa.table({"fp": fp, "model": table["model"], "prompt_version": table["prompt_version"]}).group_by(
             "fp", use_threads=False).aggregate([("fp", "count"), ("model", "first"), ("prompt_version", "first")])
-        ok_ids = {name: table["id"].filter(pc.and_(ok, pc.equal(fp, name))).combine_chunks()
-                  for name in counts["fp"].to_pylist()}
-        return counts.to_pylist(), ok_ids
+        ids = table["id"].filter(ok)
+        ok_ids = pa.table({"fp": fp.filter(ok), "part": pc.utf8_slice_codeunits(ids, start=-2), "id": ids}).group_by(
+            ["fp", "part"], use_threads=False).aggregate([("id", "list")])
+        lists = ok_ids["id_list"].combine_chunks()
+        return counts.to_pylist(), [(f, part, lists[i].values) for i, (f, part) in
+                                    enumerate(zip(ok_ids["fp"].to_pylist(), ok_ids["part"].to_pylist()))]
 
     sets: dict[str, dict[str, Any]] = {}
-    ok_ids: dict[str, list[pa.Array]] = {}
-    for counts, ids in map_files(uri, CAPTION_SCHEMA, per_file, columns=LISTING_COLUMNS, **storage_kw):
+    ok_ids: dict[str, dict[str | None, list[pa.Array]]] = {}
+    for counts, parts in map_files(uri, CAPTION_SCHEMA, per_file, columns=LISTING_COLUMNS, **storage_kw):
         for row in counts:  # in file order, so "model"/"prompt_version" are those of the set's first row
             known = sets.setdefault(row["fp"], {"fingerprint": row["fp"], "rows": 0, "ok_ids": 0,
                                                 "model": row["model_first"], "prompt_version": row["prompt_version_first"]})
             known["rows"] += row["fp_count"]
-        for name, array in ids.items():
-            ok_ids.setdefault(name, []).append(array)
-    for name, arrays in ok_ids.items():
-        sets[name]["ok_ids"] = pc.count_distinct(pa.chunked_array(arrays, pa.string())).as_py()
+        for name, part, ids in parts:
+            ok_ids.setdefault(name, {}).setdefault(part, []).append(ids)
+    for name, partitions in ok_ids.items():
+        sets[name]["ok_ids"] = sum(pc.count_distinct(pa.chunked_array(arrays, pa.string())).as_py()
+                                   for arrays in partitions.values())
     return sorted(sets.values(), key=lambda r: (-r["ok_ids"], r["fingerprint"]))
 
 
